@@ -1,0 +1,220 @@
+"""The one attention implementation of both models: multi-head attention through
+`torch.nn.functional.scaled_dot_product_attention`, with key padding masks, right-aligned causal masks,
+rotary position embeddings and an optional key/value cache.
+
+Shapes: B batch, H heads, Nq queries, Nk keys, C channels, c channels per head.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Rotary position embedding (https://arxiv.org/abs/2104.09864), GPT-J style: interleaved channel pairs
+# (x0, x1), (x2, x3), ... are rotated, on the first `dim` channels of each head only.
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Rotary:
+    """Precomputed rotation for a batch of positions; cos and sin are (B, 1, N, dim)."""
+
+    cos: torch.Tensor
+    sin: torch.Tensor
+
+    @classmethod
+    def at(cls, positions: torch.Tensor, dim: int, dtype: torch.dtype = torch.float32) -> "Rotary":
+        """Rotation for integer `positions` of shape (B, N), with frequencies 1 / 10000^(2i/dim)."""
+        exact = torch.float64 if dtype == torch.float64 else torch.float32
+        inv_freq = 1.0 / (10000 ** (torch.arange(0, dim, 2, device=positions.device, dtype=exact) / dim))
+        angles = positions.to(exact)[..., None] * inv_freq  # (B, N, dim/2)
+        angles = angles.repeat_interleave(2, dim=-1)[:, None]  # (B, 1, N, dim): one angle per channel pair
+        return cls(angles.cos().to(dtype), angles.sin().to(dtype))
+
+    def __getitem__(self, index) -> "Rotary":
+        """Select positions: `rotary[:, :, a:b]` slices the position axis of both tables."""
+        return Rotary(self.cos[index], self.sin[index])
+
+    @staticmethod
+    def cat(parts: list["Rotary"]) -> "Rotary":
+        return Rotary(torch.cat([p.cos for p in parts], dim=2), torch.cat([p.sin for p in parts], dim=2))
+
+    def gather(self, index: torch.Tensor) -> "Rotary":
+        """Select per-example positions: `index` is (B, K)."""
+        b, dim = index.shape[0], self.cos.shape[-1]
+        idx = index[:, None, :, None].expand(-1, 1, -1, dim)
+        return Rotary(self.cos.expand(b, -1, -1, -1).gather(2, idx), self.sin.expand(b, -1, -1, -1).gather(2, idx))
+
+    def rotate(self, x: torch.Tensor) -> torch.Tensor:
+        """Rotate the first `dim` channels of each head of x (B, H, N, c); the rest pass through."""
+        dim = self.cos.shape[-1]
+        x_rot, x_pass = x[..., :dim], x[..., dim:]
+        x1, x2 = x_rot.unflatten(-1, (-1, 2)).unbind(-1)
+        x_rot_half = torch.stack((-x2, x1), dim=-1).flatten(-2)  # (x0, x1) -> (-x1, x0)
+        return torch.cat((x_rot * self.cos + x_rot_half * self.sin, x_pass), dim=-1)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Key/value cache of one attention layer
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class KVCache:
+    """Keys and values (B, H, N, c) of positions seen earlier by one attention layer.
+
+    Keys are stored after the rotary embedding, so a cached position is never rotated twice.
+    """
+
+    def __init__(self) -> None:
+        self.k: torch.Tensor | None = None
+        self.v: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return 0 if self.k is None else self.k.shape[2]
+
+    def extend(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append new keys and values; return all of them."""
+        if self.k is not None:
+            k = torch.cat([self.k, k], dim=2)
+            v = torch.cat([self.v, v], dim=2)
+        self.k, self.v = k, v
+        return k, v
+
+    def drop_first(self, n: int) -> None:
+        """Forget the `n` oldest positions (a sliding window)."""
+        if n > 0 and self.k is not None:
+            self.k, self.v = self.k[:, :, n:], self.v[:, :, n:]
+
+    def select(self, batch_index: torch.Tensor) -> None:
+        """Keep/reorder batch entries (beam search, finished sequences)."""
+        if self.k is not None:
+            self.k, self.v = self.k[batch_index], self.v[batch_index]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Masks
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def attention_mask(
+    pad_mask: torch.Tensor | None, num_queries: int, num_keys: int, causal: bool
+) -> torch.Tensor | None:
+    """Boolean mask for SDPA (True = may attend), broadcastable to (B, H, Nq, Nk), or None for "attend to all".
+
+    `pad_mask` (B, Nk) is True at padding keys. A causal mask is right-aligned: query i sits at key position
+    i + Nk - Nq (Perceiver AR's latents are the last positions of its keys). A padded query position (left padding)
+    would then see no key at all and produce NaN; it may see itself, which changes no real position's output.
+    """
+    if pad_mask is None and not causal:
+        return None
+    keep = None if pad_mask is None else ~pad_mask[:, None, None, :]  # (B, 1, 1, Nk)
+    if not causal:
+        return keep
+    device = None if pad_mask is None else pad_mask.device
+    query_pos = torch.arange(num_queries, device=device)[:, None] + (num_keys - num_queries)  # (Nq, 1)
+    key_pos = torch.arange(num_keys, device=device)  # (Nk,)
+    mask = key_pos <= query_pos  # (Nq, Nk)
+    if keep is not None:
+        mask = mask & (keep | (key_pos == query_pos))
+    return mask
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Multi-head attention
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class MultiHeadAttention(nn.Module):
+    """Multi-head attention (Perceiver IO paper, appendix E) with separate query/key and value widths.
+
+    Query/key channels default to the query input's channels, value channels to the query/key channels and output
+    channels to the query input's channels.
+    """
+
+    def __init__(
+        self,
+        num_heads: int,
+        num_q_input_channels: int,
+        num_kv_input_channels: int,
+        num_qk_channels: int | None = None,
+        num_v_channels: int | None = None,
+        num_output_channels: int | None = None,
+        max_heads_parallel: int | None = None,
+        causal: bool = False,
+        dropout: float = 0.0,
+        qkv_bias: bool = True,
+        out_bias: bool = True,
+    ):
+        super().__init__()
+        num_qk_channels = num_qk_channels or num_q_input_channels
+        num_v_channels = num_v_channels or num_qk_channels
+        num_output_channels = num_output_channels or num_q_input_channels
+        if num_qk_channels % num_heads or num_v_channels % num_heads:
+            raise ValueError(
+                f"query/key channels ({num_qk_channels}) and value channels ({num_v_channels}) "
+                f"must be divisible by the number of heads ({num_heads})"
+            )
+        self.num_heads = num_heads
+        self.num_qk_channels = num_qk_channels
+        self.num_v_channels = num_v_channels
+        self.max_heads_parallel = max_heads_parallel or num_heads
+        self.causal = causal
+        self.dropout = dropout
+
+        self.q_proj = nn.Linear(num_q_input_channels, num_qk_channels, bias=qkv_bias)
+        self.k_proj = nn.Linear(num_kv_input_channels, num_qk_channels, bias=qkv_bias)
+        self.v_proj = nn.Linear(num_kv_input_channels, num_v_channels, bias=qkv_bias)
+        self.o_proj = nn.Linear(num_v_channels, num_output_channels, bias=out_bias)
+
+    def forward(
+        self,
+        x_q: torch.Tensor,
+        x_kv: torch.Tensor,
+        pad_mask: torch.Tensor | None = None,
+        rotary_q: Rotary | None = None,
+        rotary_k: Rotary | None = None,
+        cache: KVCache | None = None,
+    ) -> torch.Tensor:
+        """x_q (B, Nq, Cq) attends to x_kv (B, Nk, Ckv) -> (B, Nq, C_out).
+
+        With a `cache`, x_kv holds only the new positions; `pad_mask` and the causal mask then cover the cached
+        positions followed by the new ones.
+        """
+        q = self._heads(self.q_proj(x_q))  # (B, H, Nq, c)
+        k = self._heads(self.k_proj(x_kv))  # (B, H, Nk, c)
+        v = self._heads(self.v_proj(x_kv))  # (B, H, Nk, c_v)
+        if rotary_q is not None:
+            q = rotary_q.rotate(q)
+        if rotary_k is not None:
+            k = rotary_k.rotate(k)
+        if cache is not None:
+            k, v = cache.extend(k, v)
+
+        num_queries, num_keys = q.shape[2], k.shape[2]
+        dropout = self.dropout if self.training else 0.0
+        if self.causal and pad_mask is None and num_queries == num_keys:
+            mask, is_causal = None, True  # lets SDPA pick its fused causal kernel
+        else:
+            mask, is_causal = attention_mask(pad_mask, num_queries, num_keys, self.causal), False
+
+        if self.max_heads_parallel >= self.num_heads:
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=is_causal)
+        else:  # bound peak memory by attending with a few heads at a time
+            chunks = zip(*(t.split(self.max_heads_parallel, dim=1) for t in (q, k, v)))
+            o = torch.cat(
+                [
+                    F.scaled_dot_product_attention(qc, kc, vc, attn_mask=mask, dropout_p=dropout, is_causal=is_causal)
+                    for qc, kc, vc in chunks
+                ],
+                dim=1,
+            )
+        o = o.transpose(1, 2).flatten(2)  # (B, Nq, H * c_v)
+        return self.o_proj(o)
+
+    def _heads(self, x: torch.Tensor) -> torch.Tensor:
+        return x.unflatten(-1, (self.num_heads, -1)).transpose(1, 2)  # (B, N, H*c) -> (B, H, N, c), a view

@@ -1,0 +1,115 @@
+"""Perceiver AR causal language model: token (+ absolute position) embeddings, the Perceiver AR core, and logits
+tied to the token embedding plus a bias.
+
+Shapes: B batch, N input positions, P prefix positions, L latents (N = P + L), V vocabulary.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from perceiver_cli.models.adapters import TokenInputAdapter, tied_logits
+from perceiver_cli.models.perceiver_ar import PerceiverAR, PerceiverARCache, PerceiverARConfig
+from perceiver_cli.models.perceiver_io import config_from_dict, init_parameters
+
+
+@dataclass
+class CausalLanguageModelConfig(PerceiverARConfig):
+    vocab_size: int = 262
+    max_seq_len: int = 4096
+    max_latents: int = 512
+    num_channels: int = 512
+    output_norm: bool = False
+    output_bias: bool = True
+    abs_pos_emb: bool = True
+    init_scale: float = 0.02
+
+    @property
+    def max_prefix_len(self) -> int:
+        return self.max_seq_len - self.max_latents
+
+    @property
+    def num_rotary_channels_per_head(self) -> int:
+        # With absolute position embeddings, the rotary embedding covers half of each head's channels.
+        per_head = self.num_channels // self.num_heads
+        return per_head // 2 if self.abs_pos_emb else per_head
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "CausalLanguageModelConfig":
+        return config_from_dict(cls, values)
+
+
+class CausalLanguageModel(PerceiverAR):
+    def __init__(self, config: CausalLanguageModelConfig):
+        if config.max_latents > config.max_seq_len:
+            raise ValueError(f"max_latents ({config.max_latents}) exceeds max_seq_len ({config.max_seq_len})")
+        super().__init__(config, config.num_channels, config.num_rotary_channels_per_head)
+        self.config = config
+        self.input_adapter = TokenInputAdapter(
+            config.vocab_size, config.max_seq_len, config.num_channels, abs_pos_emb=config.abs_pos_emb
+        )
+        self.out_norm = nn.LayerNorm(config.num_channels) if config.output_norm else None
+        self.output_bias = nn.Parameter(torch.zeros(config.vocab_size)) if config.output_bias else None
+        init_parameters(self, config.init_scale)
+
+    @property
+    def max_seq_len(self) -> int:
+        return self.config.max_seq_len
+
+    @property
+    def max_latents(self) -> int:
+        return self.config.max_latents
+
+    @property
+    def max_prefix_len(self) -> int:
+        return self.config.max_prefix_len
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        prefix_len: int,
+        pad_mask: torch.Tensor | None = None,
+        cache: PerceiverARCache | None = None,
+    ) -> torch.Tensor:
+        """Logits (B, L, V) of the latent positions of token ids x (B, N), the last N - prefix_len positions.
+
+        Inputs are left-padded; `pad_mask` (True = padding) covers cached and new positions. Position p of a real
+        token is its index after the padding, so padding never shifts the model's view of the text.
+        """
+        num_cached = 0 if cache is None else len(cache)
+        n = x.shape[1]
+        if not 0 <= prefix_len < n:
+            raise ValueError(f"prefix_len ({prefix_len}) must be in [0, {n}) for an input of length {n}")
+        if num_cached + prefix_len > self.max_prefix_len:
+            raise ValueError(f"prefix length {num_cached + prefix_len} exceeds max_prefix_len {self.max_prefix_len}")
+        if cache is None and n - prefix_len > self.max_latents:
+            raise ValueError(f"{n - prefix_len} latents exceed max_latents {self.max_latents}")
+
+        positions = self._positions(pad_mask, num_cached, n, x.device)
+        h = super().forward(self.input_adapter(x, positions), positions, prefix_len, pad_mask, cache)
+        if self.out_norm is not None:
+            h = self.out_norm(h)
+        return tied_logits(h, self.input_adapter.txt_embedding, self.output_bias)
+
+    @staticmethod
+    def _positions(pad_mask: torch.Tensor | None, num_cached: int, n: int, device: torch.device) -> torch.Tensor:
+        """Positions (B, n) of the n new tokens: count of real tokens before each one (left padding -> 0)."""
+        if pad_mask is None:
+            return torch.arange(num_cached, num_cached + n, device=device)[None]
+        return ((~pad_mask).cumsum(dim=1) - 1).clamp(min=0)[:, -n:]
+
+
+def __getattr__(name: str):
+    # The Lightning wrapper lives apart from the backend; import it (and Lightning) only when asked for.
+    if name == "LitCausalLanguageModel":
+        from perceiver_cli.models.lightning import LitCausalLanguageModel
+
+        return LitCausalLanguageModel
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

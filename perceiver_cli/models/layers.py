@@ -1,0 +1,175 @@
+"""Pre-LayerNorm attention layers shared by Perceiver IO and Perceiver AR: cross-attention, self-attention and
+their MLPs. Shapes: B batch, N positions, C channels.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from perceiver_cli.models.attention import KVCache, MultiHeadAttention, Rotary
+
+
+def run_layer(layer: nn.Module, *args, checkpointed: bool = False, **kwargs) -> torch.Tensor:
+    """Call `layer`, recomputing its activations in the backward pass instead of storing them if `checkpointed`."""
+    if checkpointed and torch.is_grad_enabled():
+        return checkpoint(layer, *args, use_reentrant=False, **kwargs)
+    return layer(*args, **kwargs)
+
+
+class MLP(nn.Module):
+    """LayerNorm -> Linear (widen) -> GELU -> Linear."""
+
+    def __init__(self, num_channels: int, widening_factor: int, bias: bool = True):
+        super().__init__()
+        self.norm = nn.LayerNorm(num_channels)
+        self.fc1 = nn.Linear(num_channels, widening_factor * num_channels, bias=bias)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(widening_factor * num_channels, num_channels, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(self.norm(x))))
+
+
+class CrossAttentionLayer(nn.Module):
+    """Queries attend to a separate key/value input, then an MLP; both with residual connections (the attention
+    residual can be switched off, as in the Perceiver IO language model's decoder)."""
+
+    def __init__(
+        self,
+        num_heads: int,
+        num_q_input_channels: int,
+        num_kv_input_channels: int,
+        num_qk_channels: int | None = None,
+        num_v_channels: int | None = None,
+        max_heads_parallel: int | None = None,
+        causal: bool = False,
+        widening_factor: int = 1,
+        dropout: float = 0.0,
+        residual_dropout: float = 0.0,
+        attention_residual: bool = True,
+        qkv_bias: bool = True,
+        out_bias: bool = True,
+        mlp_bias: bool = True,
+    ):
+        super().__init__()
+        self.q_norm = nn.LayerNorm(num_q_input_channels)
+        self.kv_norm = nn.LayerNorm(num_kv_input_channels)
+        self.attention = MultiHeadAttention(
+            num_heads=num_heads,
+            num_q_input_channels=num_q_input_channels,
+            num_kv_input_channels=num_kv_input_channels,
+            num_qk_channels=num_qk_channels,
+            num_v_channels=num_v_channels,
+            max_heads_parallel=max_heads_parallel,
+            causal=causal,
+            dropout=dropout,
+            qkv_bias=qkv_bias,
+            out_bias=out_bias,
+        )
+        self.attention_residual = attention_residual
+        self.mlp = MLP(num_q_input_channels, widening_factor, bias=mlp_bias)
+        self.residual_dropout = nn.Dropout(residual_dropout)
+
+    def forward(
+        self,
+        x_q: torch.Tensor,
+        x_kv: torch.Tensor | None = None,
+        x_kv_prefix: torch.Tensor | None = None,
+        pad_mask: torch.Tensor | None = None,
+        rotary_q: Rotary | None = None,
+        rotary_k: Rotary | None = None,
+        cache: KVCache | None = None,
+    ) -> torch.Tensor:
+        """Attend from x_q (B, Nq, Cq) to x_kv (B, Nk, Ckv).
+
+        Perceiver AR passes `x_kv_prefix` instead: the keys/values are then the prefix followed by the queries
+        themselves, the prefix normalised by `kv_norm` and the queries by `q_norm`.
+        """
+        q = self.q_norm(x_q)
+        if x_kv is None:
+            kv = q if x_kv_prefix is None else torch.cat([self.kv_norm(x_kv_prefix), q], dim=1)
+        else:
+            kv = self.kv_norm(x_kv)
+        attended = self.attention(q, kv, pad_mask=pad_mask, rotary_q=rotary_q, rotary_k=rotary_k, cache=cache)
+        attended = self.residual_dropout(attended)
+        x = x_q + attended if self.attention_residual else attended
+        return x + self.residual_dropout(self.mlp(x))
+
+
+class SelfAttentionLayer(nn.Module):
+    """Self-attention, then an MLP, both with residual connections."""
+
+    def __init__(
+        self,
+        num_heads: int,
+        num_channels: int,
+        num_qk_channels: int | None = None,
+        num_v_channels: int | None = None,
+        max_heads_parallel: int | None = None,
+        causal: bool = False,
+        widening_factor: int = 1,
+        dropout: float = 0.0,
+        residual_dropout: float = 0.0,
+        qkv_bias: bool = True,
+        out_bias: bool = True,
+        mlp_bias: bool = True,
+    ):
+        super().__init__()
+        self.norm = nn.LayerNorm(num_channels)
+        self.attention = MultiHeadAttention(
+            num_heads=num_heads,
+            num_q_input_channels=num_channels,
+            num_kv_input_channels=num_channels,
+            num_qk_channels=num_qk_channels,
+            num_v_channels=num_v_channels,
+            max_heads_parallel=max_heads_parallel,
+            causal=causal,
+            dropout=dropout,
+            qkv_bias=qkv_bias,
+            out_bias=out_bias,
+        )
+        self.mlp = MLP(num_channels, widening_factor, bias=mlp_bias)
+        self.residual_dropout = nn.Dropout(residual_dropout)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        pad_mask: torch.Tensor | None = None,
+        rotary: Rotary | None = None,
+        cache: KVCache | None = None,
+    ) -> torch.Tensor:
+        h = self.norm(x)
+        x = x + self.residual_dropout(
+            self.attention(h, h, pad_mask=pad_mask, rotary_q=rotary, rotary_k=rotary, cache=cache)
+        )
+        return x + self.residual_dropout(self.mlp(x))
+
+
+class SelfAttentionBlock(nn.Module):
+    """A stack of self-attention layers; the first `num_rotary_layers` use the rotary embedding (-1: all)."""
+
+    def __init__(self, num_layers: int, num_rotary_layers: int = -1, activation_checkpointing: bool = False, **kwargs):
+        super().__init__()
+        self.layers = nn.ModuleList(SelfAttentionLayer(**kwargs) for _ in range(num_layers))
+        self.num_rotary_layers = num_layers if num_rotary_layers == -1 else num_rotary_layers
+        self.activation_checkpointing = activation_checkpointing
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        pad_mask: torch.Tensor | None = None,
+        rotary: Rotary | None = None,
+        caches: list[KVCache] | None = None,
+    ) -> torch.Tensor:
+        for i, layer in enumerate(self.layers):
+            x = run_layer(
+                layer,
+                x,
+                pad_mask=pad_mask,
+                rotary=rotary if i < self.num_rotary_layers else None,
+                cache=None if caches is None else caches[i],
+                checkpointed=self.activation_checkpointing,
+            )
+        return x

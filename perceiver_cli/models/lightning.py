@@ -1,0 +1,117 @@
+"""PyTorch Lightning wrappers of the backend language models: losses, logging, optimizers.
+
+Each wrapper's constructor takes the model config's fields as JSON-able values and saves them as hyperparameters,
+so a checkpoint alone rebuilds its model (and loads with `torch.load(weights_only=True)`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+
+from perceiver_cli.models.clm import CausalLanguageModel, CausalLanguageModelConfig
+from perceiver_cli.models.mlm import MaskedLanguageModel, MaskedLanguageModelConfig
+from perceiver_cli.training.optim import build_optimizer, build_scheduler
+
+Batch = dict[str, torch.Tensor]
+
+
+class LitLanguageModel(pl.LightningModule):
+    """What both wrappers share: training and validation steps around `loss`, optimizer and schedule."""
+
+    model: torch.nn.Module
+
+    def __init__(self, optimizer: dict[str, Any] | None = None, scheduler: dict[str, Any] | None = None):
+        super().__init__()
+        self.optimizer_config = optimizer or {}
+        self.scheduler_config = scheduler or {}
+
+    @property
+    def backend_model(self) -> torch.nn.Module:
+        return self.model
+
+    def loss(self, batch: Batch) -> torch.Tensor:
+        raise NotImplementedError
+
+    def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
+        loss = self.loss(batch)
+        self.log("train_loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
+        return loss
+
+    def validation_step(self, batch: Batch, batch_idx: int) -> None:
+        loss = self.loss(batch)
+        self.log("val_loss", loss, prog_bar=True, sync_dist=True, batch_size=batch["input_ids"].shape[0])
+
+    def configure_optimizers(self):
+        optimizer = build_optimizer(self.model, **self.optimizer_config)
+        total_steps = self.trainer.estimated_stepping_batches if self._trainer is not None else None
+        if total_steps is not None and not 0 < total_steps < float("inf"):
+            total_steps = None  # no step budget known (e.g. max_time only): the cosine schedule needs one
+        scheduler = build_scheduler(optimizer, total_steps=total_steps, **self.scheduler_config)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+class LitMaskedLanguageModel(LitLanguageModel):
+    def __init__(
+        self,
+        encoder: dict[str, Any],
+        decoder: dict[str, Any],
+        num_latents: int,
+        num_latent_channels: int,
+        activation_checkpointing: bool = False,
+        activation_offloading: bool = False,
+        optimizer: dict[str, Any] | None = None,
+        scheduler: dict[str, Any] | None = None,
+    ):
+        super().__init__(optimizer, scheduler)
+        self.save_hyperparameters()
+        config = MaskedLanguageModelConfig.from_dict(
+            dict(
+                encoder=encoder,
+                decoder=decoder,
+                num_latents=num_latents,
+                num_latent_channels=num_latent_channels,
+                activation_checkpointing=activation_checkpointing,
+                activation_offloading=activation_offloading,
+            )
+        )
+        self.model = MaskedLanguageModel(config)
+
+    @classmethod
+    def create(cls, config: MaskedLanguageModelConfig, **kwargs: Any) -> "LitMaskedLanguageModel":
+        return cls(**config.to_dict(), **kwargs)
+
+    def loss(self, batch: Batch) -> torch.Tensor:
+        """Cross-entropy on the masked positions only; the decoder computes no other position."""
+        labels = batch["labels"]  # (B, M), -100 where no prediction is wanted
+        selected = labels != -100
+        num_selected = int(selected.sum(dim=1).max())
+        # Selected positions first, per example; the tail of shorter rows points at unselected positions whose
+        # label is -100, so they drop out of the loss.
+        positions = torch.argsort((~selected).to(torch.uint8), dim=1, stable=True)[:, :num_selected]  # (B, S)
+        logits = self.model(batch["input_ids"], batch.get("pad_mask"), output_positions=positions)  # (B, S, V)
+        return F.cross_entropy(logits.flatten(0, 1), labels.gather(1, positions).flatten())
+
+
+class LitCausalLanguageModel(LitLanguageModel):
+    def __init__(self, optimizer: dict[str, Any] | None = None, scheduler: dict[str, Any] | None = None, **config):
+        super().__init__(optimizer, scheduler)
+        self.save_hyperparameters()
+        self.model = CausalLanguageModel(CausalLanguageModelConfig.from_dict(config))
+
+    @classmethod
+    def create(cls, config: CausalLanguageModelConfig, **kwargs: Any) -> "LitCausalLanguageModel":
+        return cls(**config.to_dict(), **kwargs)
+
+    def loss(self, batch: Batch) -> torch.Tensor:
+        """Cross-entropy on the latent positions: the last max_latents positions of each (left-padded) sequence."""
+        x, labels = batch["input_ids"], batch["labels"]  # (B, N) each; labels are inputs shifted left by one
+        pad_mask = batch.get("pad_mask")
+        if pad_mask is not None and not pad_mask.any():
+            pad_mask = None  # no padding: lets attention use its fused causal kernels
+        prefix_len = max(0, x.shape[1] - self.model.max_latents)
+        logits = self.model(x, prefix_len, pad_mask=pad_mask)  # (B, L, V)
+        return F.cross_entropy(logits.flatten(0, 1), labels[:, prefix_len:].flatten())
