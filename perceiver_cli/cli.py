@@ -18,6 +18,11 @@ from perceiver_cli.errors import UserError
 # "command-name": "module:attribute" under perceiver_cli/commands/, the attribute being a function (a command)
 # or a typer.Typer (a group of commands).
 COMMANDS = {
+    "train": "train:train",
+    "eval": "eval:evaluate",
+    "generate": "generate:generate",
+    "fill-mask": "fill_mask:fill_mask",
+    "convert": "convert:convert",
     "presets": "presets:app",
 }
 

@@ -12,6 +12,7 @@ import typer
 from perceiver_cli import __version__, cli
 from perceiver_cli.errors import UserError
 from perceiver_cli.presets import presets_dir, resolve_preset
+from cli_runner import run_cli
 
 HEAVY_MODULES = ["torch", "pytorch_lightning", "lightning", "transformers", "datasets", "pydantic"]
 
@@ -20,14 +21,6 @@ HEAVY_MODULES = ["torch", "pytorch_lightning", "lightning", "transformers", "dat
 def _no_debug(monkeypatch):
     # `--debug` sets PERCEIVER_DEBUG in this process; monkeypatch puts the variable back after each test.
     monkeypatch.setenv("PERCEIVER_DEBUG", "0")
-
-
-def run_cli(capsys, *args: str, app: typer.Typer = cli.app) -> tuple[int, str, str]:
-    """Run a Typer app in-process through the CLI's error handling: (exit status, stdout, stderr)."""
-    with pytest.raises(SystemExit) as exit_:
-        cli.run_app(app, list(args))
-    out, err = capsys.readouterr()
-    return exit_.value.code, out, err
 
 
 def run_module(*args: str) -> subprocess.CompletedProcess:

@@ -28,13 +28,33 @@ class LitLanguageModel(pl.LightningModule):
         super().__init__()
         self.optimizer_config = optimizer or {}
         self.scheduler_config = scheduler or {}
+        # Set by whoever builds the run (the train command): written into every checkpoint, see on_save_checkpoint.
+        self.tokenizer_spec = "utf8"
+        self.run_config: dict[str, Any] | None = None
 
     @property
     def backend_model(self) -> torch.nn.Module:
         return self.model
 
+    def compile_model(self) -> None:
+        """Train through `torch.compile(model)`. Kept outside the module tree, so checkpoints keep plain names."""
+        self.__dict__["_compiled"] = torch.compile(self.model)
+
+    def run_model(self, *args, **kwargs) -> torch.Tensor:
+        return self.__dict__.get("_compiled", self.model)(*args, **kwargs)
+
+    task: str
+
     def loss(self, batch: Batch) -> torch.Tensor:
         raise NotImplementedError
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # What the one checkpoint loader needs to rebuild the backend model without this class.
+        from perceiver_cli.checkpoints import CHECKPOINT_KEY, checkpoint_metadata
+
+        checkpoint[CHECKPOINT_KEY] = checkpoint_metadata(
+            self.task, self.model.config, self.run_config, self.tokenizer_spec
+        )
 
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
         loss = self.loss(batch)
@@ -55,6 +75,8 @@ class LitLanguageModel(pl.LightningModule):
 
 
 class LitMaskedLanguageModel(LitLanguageModel):
+    task = "mlm"
+
     def __init__(
         self,
         encoder: dict[str, Any],
@@ -92,11 +114,13 @@ class LitMaskedLanguageModel(LitLanguageModel):
         # Selected positions first, per example; the tail of shorter rows points at unselected positions whose
         # label is -100, so they drop out of the loss.
         positions = torch.argsort((~selected).to(torch.uint8), dim=1, stable=True)[:, :num_selected]  # (B, S)
-        logits = self.model(batch["input_ids"], batch.get("pad_mask"), output_positions=positions)  # (B, S, V)
+        logits = self.run_model(batch["input_ids"], batch.get("pad_mask"), output_positions=positions)  # (B, S, V)
         return F.cross_entropy(logits.flatten(0, 1), labels.gather(1, positions).flatten())
 
 
 class LitCausalLanguageModel(LitLanguageModel):
+    task = "clm"
+
     def __init__(self, optimizer: dict[str, Any] | None = None, scheduler: dict[str, Any] | None = None, **config):
         super().__init__(optimizer, scheduler)
         self.save_hyperparameters()
@@ -113,5 +137,5 @@ class LitCausalLanguageModel(LitLanguageModel):
         if pad_mask is not None and not pad_mask.any():
             pad_mask = None  # no padding: lets attention use its fused causal kernels
         prefix_len = max(0, x.shape[1] - self.model.max_latents)
-        logits = self.model(x, prefix_len, pad_mask=pad_mask)  # (B, L, V)
+        logits = self.run_model(x, prefix_len, pad_mask=pad_mask)  # (B, L, V)
         return F.cross_entropy(logits.flatten(0, 1), labels[:, prefix_len:].flatten())

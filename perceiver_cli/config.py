@@ -1,0 +1,349 @@
+"""The preset schema: what a TOML preset may say, validated by pydantic, with every error reported at once.
+
+A preset has the sections [model], [data], [optimizer], [scheduler], [trainer] and [output]. The model section's
+fields come from the backend's config dataclasses (the single source of model fields), less `vocab_size` and
+`max_seq_len`, which the data section and its tokenizer decide so that model and data can never disagree.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+import typing
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
+
+from perceiver_cli.errors import UserError
+from perceiver_cli.models.clm import CausalLanguageModelConfig
+from perceiver_cli.models.mlm import MaskedLanguageModelConfig, TextDecoderConfig, TextEncoderConfig
+from perceiver_cli.training.optim import OPTIMIZERS, SCHEDULERS
+
+LINKED_FIELDS = ("vocab_size", "max_seq_len")  # set from [data], never in [model]
+UTF8_VOCAB_SIZE = 262
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+
+def section_from_dataclass(name: str, cls: type, exclude: tuple[str, ...] = (), **extra: Any) -> type[BaseModel]:
+    """A pydantic section with the fields, types and defaults of a config dataclass, less the linked fields."""
+    hints = typing.get_type_hints(cls)
+    fields = {
+        f.name: (hints[f.name], ... if f.default is dataclasses.MISSING else f.default)
+        for f in dataclasses.fields(cls)
+        if f.name not in LINKED_FIELDS + exclude
+    }
+    return create_model(name, __base__=Section, **fields, **extra)
+
+
+EncoderSection = section_from_dataclass("EncoderSection", TextEncoderConfig)
+DecoderSection = section_from_dataclass("DecoderSection", TextDecoderConfig)
+MLMModelSection = section_from_dataclass(
+    "MLMModelSection",
+    MaskedLanguageModelConfig,
+    exclude=("encoder", "decoder"),
+    task=(Literal["mlm"], ...),
+    init_from=(str | None, None),  # a checkpoint, run directory or exported model to start from
+    encoder=(EncoderSection, Field(default_factory=EncoderSection)),
+    decoder=(DecoderSection, Field(default_factory=DecoderSection)),
+)
+CLMModelSection = section_from_dataclass(
+    "CLMModelSection", CausalLanguageModelConfig, task=(Literal["clm"], ...), init_from=(str | None, None)
+)
+
+ModelSection = Annotated[MLMModelSection | CLMModelSection, Field(discriminator="task")]  # type: ignore[valid-type]
+
+
+class DataSection(Section):
+    source: Literal["embedded", "files", "hub"] = "embedded"
+    path: str | None = None  # files: a file, a directory or a glob
+    name: str | None = None  # hub: dataset name, e.g. "wikitext"
+    config_name: str | None = None  # hub: dataset configuration, e.g. "wikitext-103-raw-v1"
+    text_column: str = "text"
+    tokenizer: str = "utf8"  # "utf8" (UTF-8 bytes, vocab 262) or a local Hugging Face tokenizer directory
+    vocab_size: int | None = Field(default=None, gt=0)  # only when the tokenizer cannot be read (dry runs)
+    max_seq_len: int = Field(default=512, gt=0)
+    batch_size: int = Field(default=8, gt=0)
+    num_workers: int = Field(default=0, ge=0)
+    padding_side: Literal["left", "right"] | None = None  # default: left for clm, right for mlm
+    random_shift: bool = False
+    mask_prob: float = Field(default=0.15, gt=0.0, lt=1.0)
+    whole_word_masking: bool = True
+    static_masking: bool = False
+    validation_fraction: float = Field(default=0.05, gt=0.0, lt=1.0)
+
+
+class OptimizerSection(Section):
+    name: Literal[OPTIMIZERS] = "adamw"  # type: ignore[valid-type]
+    lr: float = Field(default=1e-3, gt=0.0)
+    weight_decay: float = Field(default=0.0, ge=0.0)
+    betas: tuple[Annotated[float, Field(ge=0.0, lt=1.0)], Annotated[float, Field(ge=0.0, lt=1.0)]] = (0.9, 0.999)
+    eps: float = Field(default=1e-8, gt=0.0)
+
+
+class SchedulerSection(Section):
+    name: Literal[SCHEDULERS] = "constant"  # type: ignore[valid-type]
+    warmup_steps: int = Field(default=0, ge=0)
+    min_lr_ratio: float = Field(default=0.0, ge=0.0, le=1.0)
+
+
+class TrainerSection(Section):
+    max_steps: int = Field(default=-1, ge=-1)  # -1: no step limit
+    max_epochs: int | None = Field(default=None, gt=0)
+    max_time: str | None = None  # "DD:HH:MM:SS"
+    val_check_interval: int | float = Field(default=1.0, gt=0)  # int: every N training steps; float: epoch fraction
+    limit_val_batches: int | float = Field(default=1.0, ge=0)
+    accumulate_grad_batches: int = Field(default=1, gt=0)
+    gradient_clip_val: float | None = Field(default=1.0, gt=0.0)
+    precision: Literal["32", "bf16-mixed", "16-mixed"] = "32"
+    accelerator: Literal["auto", "cpu", "gpu", "cuda", "mps"] = "auto"
+    devices: int | Literal["auto"] = "auto"
+    num_nodes: int = Field(default=1, gt=0)
+    strategy: Literal["auto", "ddp", "fsdp"] = "auto"
+    seed: int = 0
+    deterministic: bool = False
+    compile: bool = False  # torch.compile the backend model
+    log_every_n_steps: int = Field(default=10, gt=0)
+
+
+class OutputSection(Section):
+    dir: str = "runs"
+    name: str | None = None  # default: the preset's name
+    sample_prompt: str | None = None  # clm: generate from this prompt at each validation
+    sample_max_new_tokens: int = Field(default=64, gt=0)
+
+
+class RunConfig(Section):
+    model: ModelSection
+    data: DataSection = Field(default_factory=DataSection)
+    optimizer: OptimizerSection = Field(default_factory=OptimizerSection)
+    scheduler: SchedulerSection = Field(default_factory=SchedulerSection)
+    trainer: TrainerSection = Field(default_factory=TrainerSection)
+    output: OutputSection = Field(default_factory=OutputSection)
+
+    @property
+    def task(self) -> str:
+        return self.model.task
+
+    def vocab_size(self) -> int:
+        """The vocabulary the model is built for: the tokenizer's, unless declared for a tokenizer not on disk."""
+        if self.data.vocab_size is not None:
+            return self.data.vocab_size
+        if self.data.tokenizer == "utf8":
+            return UTF8_VOCAB_SIZE
+        from perceiver_cli.data.tokenizer import load_tokenizer, vocab_size
+
+        return vocab_size(load_tokenizer(self.data.tokenizer))
+
+    def backend_config(self, vocab_size: int):
+        """The backend model config: the [model] fields plus the linked data fields."""
+        linked = {"vocab_size": vocab_size, "max_seq_len": self.data.max_seq_len}
+        fields = self.model.model_dump(exclude={"task", "init_from"})
+        if self.task == "clm":
+            return CausalLanguageModelConfig(**fields, **linked)
+        encoder = TextEncoderConfig(**fields.pop("encoder"), **linked)
+        decoder = TextDecoderConfig(**fields.pop("decoder"), **linked)
+        return MaskedLanguageModelConfig(encoder, decoder, **fields)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Cross-field checks: each returns (key path, message) pairs so all of them are reported together
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _divisible(path: str, channels: int, heads: int, what: str, heads_key: str) -> list[tuple[str, str]]:
+    if channels % heads:
+        return [(path, f"{what} ({channels}) must be divisible by {heads_key} ({heads})")]
+    return []
+
+
+def _check_clm(m: Any, data: DataSection) -> list[tuple[str, str]]:
+    errors = []
+    for key in ("num_channels", "max_latents", "num_heads", "num_self_attention_layers"):
+        if getattr(m, key) < 1:
+            errors.append((f"model.{key}", "must be at least 1"))
+    if errors:
+        return errors
+    errors += _divisible("model.num_channels", m.num_channels, m.num_heads, "num_channels", "model.num_heads")
+    per_head = m.num_channels // m.num_heads
+    rotary = per_head // 2 if m.abs_pos_emb else per_head
+    if not errors and rotary % 2:
+        errors.append(
+            ("model.num_channels", f"the rotary embedding needs an even channel count per head, got {rotary}")
+        )
+    if m.max_latents > data.max_seq_len:
+        errors.append(("model.max_latents", f"({m.max_latents}) must not exceed data.max_seq_len ({data.max_seq_len})"))
+    if not -1 <= m.num_self_attention_rotary_layers <= m.num_self_attention_layers:
+        errors.append(("model.num_self_attention_rotary_layers", "must be -1 (all) or 0 .. num_self_attention_layers"))
+    for key in ("cross_attention_dropout", "post_attention_dropout", "residual_dropout"):
+        if not 0.0 <= getattr(m, key) < 1.0:
+            errors.append((f"model.{key}", "must be in [0, 1)"))
+    for key in ("self_attention_widening_factor", "cross_attention_widening_factor"):
+        if getattr(m, key) < 1:
+            errors.append((f"model.{key}", "must be at least 1"))
+    if m.init_scale <= 0:
+        errors.append(("model.init_scale", "must be positive"))
+    if data.padding_side == "right":
+        errors.append(("data.padding_side", "Perceiver AR needs left padding: use \"left\" or leave it unset"))
+    return errors
+
+
+def _check_attention(
+    path: str, heads: int, qk: int | None, v: int | None, query_channels: int
+) -> list[tuple[str, str]]:
+    """Check one attention's channels after resolving the defaults (qk: query input channels, v: qk)."""
+    if heads < 1:
+        return [(f"{path}_heads", "must be at least 1")]
+    qk = qk or query_channels
+    v = v or qk
+    return _divisible(f"{path}_qk_channels", qk, heads, "query/key channels", f"{path}_heads") + _divisible(
+        f"{path}_v_channels", v, heads, "value channels", f"{path}_heads"
+    )
+
+
+def _check_mlm(m: Any, data: DataSection) -> list[tuple[str, str]]:
+    errors = []
+    for key in ("num_latents", "num_latent_channels"):
+        if getattr(m, key) < 1:
+            errors.append((f"model.{key}", "must be at least 1"))
+    enc, dec = m.encoder, m.decoder
+    for key in ("num_input_channels", "num_self_attention_layers_per_block", "num_self_attention_blocks",
+                "num_cross_attention_layers", "cross_attention_widening_factor", "self_attention_widening_factor"):
+        if getattr(enc, key) < 1:
+            errors.append((f"model.encoder.{key}", "must be at least 1"))
+    if dec.cross_attention_widening_factor < 1:
+        errors.append(("model.decoder.cross_attention_widening_factor", "must be at least 1"))
+    if errors:
+        return errors
+    d = m.num_latent_channels
+    errors += _check_attention("model.encoder.num_cross_attention", enc.num_cross_attention_heads,
+                               enc.num_cross_attention_qk_channels, enc.num_cross_attention_v_channels, d)
+    errors += _check_attention("model.encoder.num_self_attention", enc.num_self_attention_heads,
+                               enc.num_self_attention_qk_channels, enc.num_self_attention_v_channels, d)
+    query_channels = dec.num_output_query_channels or enc.num_input_channels
+    errors += _check_attention("model.decoder.num_cross_attention", dec.num_cross_attention_heads,
+                               dec.num_cross_attention_qk_channels, dec.num_cross_attention_v_channels, query_channels)
+    if enc.num_cross_attention_layers > enc.num_self_attention_blocks:
+        errors.append(("model.encoder.num_cross_attention_layers", "must not exceed num_self_attention_blocks"))
+    for path, value in (("model.encoder.dropout", enc.dropout), ("model.decoder.dropout", dec.dropout)):
+        if not 0.0 <= value < 1.0:
+            errors.append((path, "must be in [0, 1)"))
+    if data.padding_side == "left":
+        errors.append(("data.padding_side", "the masked LM pads on the right: use \"right\" or leave it unset"))
+    return errors
+
+
+def _check_run(cfg: RunConfig) -> list[tuple[str, str]]:
+    errors = _check_clm(cfg.model, cfg.data) if cfg.task == "clm" else _check_mlm(cfg.model, cfg.data)
+    if cfg.data.source == "files" and not cfg.data.path:
+        errors.append(("data.path", "source = \"files\" needs a path (a file, a directory or a glob)"))
+    if cfg.data.source == "hub" and not cfg.data.name:
+        errors.append(("data.name", "source = \"hub\" needs a dataset name, e.g. \"wikitext\""))
+    t = cfg.trainer
+    if t.max_steps == -1 and t.max_epochs is None and t.max_time is None:
+        errors.append(("trainer.max_steps", "set max_steps, max_epochs or max_time, or the run never ends"))
+    if t.max_time is not None:
+        parts = t.max_time.split(":")
+        if len(parts) != 4 or not all(p.isdigit() for p in parts):
+            errors.append(("trainer.max_time", f"expected DD:HH:MM:SS, got {t.max_time!r}"))
+    if isinstance(t.val_check_interval, float) and t.val_check_interval > 1.0:
+        errors.append(("trainer.val_check_interval", "a fraction of an epoch must be at most 1.0; use an int for steps"))
+    return errors
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Loading: TOML text + --set overrides -> RunConfig, or one UserError listing every problem
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _format_pydantic_errors(err: ValidationError) -> list[str]:
+    lines = []
+    for e in err.errors():
+        # Drop the discriminator tag pydantic puts in the location of union members ("model.clm.x" -> "model.x").
+        loc = [str(p) for i, p in enumerate(e["loc"]) if not (i == 1 and e["loc"][0] == "model" and p in ("clm", "mlm"))]
+        path = ".".join(loc) or "(preset)"
+        if e["type"] == "extra_forbidden":
+            lines.append(f"{path}: unknown key")
+        elif e["type"] == "union_tag_invalid":
+            lines.append(f"{path}: task must be \"clm\" or \"mlm\", got {e['input'].get('task')!r}")
+        elif e["type"] == "union_tag_not_found":
+            lines.append(f"{path}.task: missing; set task = \"clm\" or task = \"mlm\"")
+        else:
+            lines.append(f"{path}: {e['msg']} (got {e['input']!r})" if "input" in e and not isinstance(e["input"], dict)
+                         else f"{path}: {e['msg']}")
+    return lines
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`key.path=value` -> (["key", "path"], value); the value is read as TOML where it is one, else a string."""
+    if "=" not in text:
+        raise UserError(f"--set {text!r}: expected key.path=value, e.g. --set trainer.max_steps=100")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise UserError(f"--set {text!r}: the key path is empty or malformed")
+    try:
+        value = tomllib.loads(f"v = {raw.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw.strip()
+    return key.split("."), value
+
+
+def apply_overrides(values: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Set each `key.path=value` in a copy of the nested dict `values` (unknown keys surface in validation)."""
+    import copy
+
+    values = copy.deepcopy(values)
+    for text in overrides:
+        path, value = parse_override(text)
+        node = values
+        for part in path[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise UserError(f"--set {text!r}: {part!r} is a value, not a section")
+            node = child
+        node[path[-1]] = value
+    return values
+
+
+def parse_toml(text: str, source: str) -> dict[str, Any]:
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as err:
+        raise UserError(f"{source}: invalid TOML: {err}") from None
+
+
+def validate(values: dict[str, Any], source: str) -> RunConfig:
+    """Validate a preset dict; raise one UserError that lists every problem with its key path."""
+    try:
+        cfg = RunConfig.model_validate(values)
+    except ValidationError as err:
+        problems = _format_pydantic_errors(err)
+    else:
+        problems = [f"{path}: {message}" for path, message in _check_run(cfg)]
+        if not problems:
+            return cfg
+    noun = "problem" if len(problems) == 1 else "problems"
+    raise UserError(
+        f"{source}: {len(problems)} {noun}:\n  " + "\n  ".join(problems),
+        hint="fix the preset or the --set overrides; `perceiver presets show NAME` prints a valid example",
+    )
+
+
+def load_run_config(preset: str, overrides: list[str] | None = None) -> tuple[RunConfig, str]:
+    """Resolve a preset name or path, apply overrides, validate. Returns the config and the preset's name."""
+    from perceiver_cli.presets import read_preset_text, resolve_preset
+
+    path = resolve_preset(preset)
+    values = apply_overrides(parse_toml(read_preset_text(preset), str(path)), overrides or [])
+    return validate(values, f"preset {Path(path).name}"), Path(path).stem
+
+
+def to_toml(cfg: RunConfig) -> str:
+    """The resolved config as TOML (None values are left out: TOML has no null)."""
+    import tomli_w
+
+    return tomli_w.dumps(cfg.model_dump(mode="json", exclude_none=True))

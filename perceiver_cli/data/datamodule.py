@@ -1,0 +1,178 @@
+"""The Lightning entry point for training data: source -> tokenizer -> cached chunks -> dataloaders.
+
+`prepare_data()` builds the caches (embedded corpus, arrow tables, tokenized chunks) once per node; `setup()` loads
+them on every process (a cache hit: milliseconds). Dataloaders are deterministic for a fixed `seed`: the training
+order comes from a seeded generator, and masks and window offsets from the collators' seeded generators. Under a
+DDP strategy Lightning swaps in a DistributedSampler; nothing here gets in its way.
+"""
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from perceiver_cli.data.collators import CLMCollator, MLMCollator
+from perceiver_cli.data.pipeline import TASKS, count_tokens, tokenize_and_chunk
+from perceiver_cli.data.sources import load_text_splits
+from perceiver_cli.data.tokenizer import load_tokenizer, vocab_size
+from perceiver_cli.errors import UserError
+
+
+class ChunkDataset(Dataset):
+    """The chunks of one split as examples `{"input_ids": int32 array, "index": i}`. With `lookahead`, chunk i is
+    followed by chunk i + 1, so that `CLMCollator(random_shift=True)` can cut a window anywhere in between."""
+
+    def __init__(self, chunks, lookahead: bool = False):
+        self.chunks = chunks.with_format("numpy")
+        self.lookahead = lookahead
+
+    def __len__(self) -> int:
+        return self.chunks.num_rows
+
+    def __getitem__(self, index: int) -> dict:
+        ids = self.chunks[index]["input_ids"]
+        if self.lookahead and index + 1 < len(self):
+            ids = np.concatenate([ids, self.chunks[index + 1]["input_ids"]])
+        return {"input_ids": ids, "index": index}
+
+
+class TextDataModule(pl.LightningDataModule):
+    """Training and validation batches for a causal ("clm") or masked ("mlm") language model.
+
+    Source arguments (`source`, `path`, `name`, `config`, `text_column`, `validation_fraction`) are those of
+    `load_text_splits`; `tokenizer` is a spec for `load_tokenizer`. `padding_side` defaults to "left" for CLM
+    (Perceiver AR) and "right" for MLM. `random_shift` (CLM training only) varies chunk boundaries between
+    epochs. MLM options are those of `MLMCollator`; validation batches always use static masking so that validation
+    losses are comparable between evaluations. `num_workers` defaults to 0: on small machines worker processes
+    cost more than they save.
+    """
+
+    def __init__(
+        self,
+        task: str,
+        *,
+        source: str = "embedded",
+        path: str | None = None,
+        name: str | None = None,
+        config: str | None = None,
+        text_column: str = "text",
+        tokenizer: str = "utf8",
+        max_seq_len: int = 512,
+        batch_size: int = 8,
+        num_workers: int = 0,
+        padding_side: str | None = None,
+        random_shift: bool = False,
+        mask_prob: float = 0.15,
+        whole_word_masking: bool = True,
+        static_masking: bool = False,
+        validation_fraction: float = 0.05,
+        seed: int = 0,
+        num_proc: int | None = None,
+    ):
+        super().__init__()
+        if task not in TASKS:
+            raise UserError(f"unknown task {task!r}: use 'clm' or 'mlm'")
+        if batch_size < 1:
+            raise UserError(f"batch size {batch_size} is too small: use 1 or more")
+        if num_workers < 0:
+            raise UserError(f"num_workers {num_workers} is negative: use 0 (no worker processes) or more")
+        if random_shift and task != "clm":
+            raise UserError("random_shift applies to causal LM (clm) data only: turn it off for mlm")
+        self.task = task
+        self.source_options = dict(
+            source=source, path=path, name=name, config=config, text_column=text_column,
+            validation_fraction=validation_fraction, seed=seed,
+        )
+        self.tokenizer_spec = tokenizer
+        # Loaded now (it is quick) so that a bad spec fails at once and the model can be sized before setup().
+        self._tokenizer = load_tokenizer(tokenizer, padding_side or ("left" if task == "clm" else "right"))
+        self._max_seq_len = max_seq_len
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.random_shift = random_shift
+        self.mask_options = dict(mask_prob=mask_prob, whole_word_masking=whole_word_masking)
+        self.static_masking = static_masking
+        self.seed = seed
+        self.num_proc = num_proc
+        self._chunks = None
+        # Fail on bad masking options now rather than at the first batch.
+        if task == "mlm":
+            MLMCollator(self._tokenizer, **self.mask_options)
+
+    @property
+    def tokenizer(self):
+        return self._tokenizer
+
+    @property
+    def vocab_size(self) -> int:
+        return vocab_size(self._tokenizer)
+
+    @property
+    def max_seq_len(self) -> int:
+        return self._max_seq_len
+
+    @property
+    def pad_token_id(self) -> int:
+        # Tokenizers without a pad token (GPT-2 style) pad with EOS: padded positions are masked out anyway.
+        tokenizer = self._tokenizer
+        for token_id in (tokenizer.pad_token_id, tokenizer.eos_token_id):
+            if token_id is not None:
+                return token_id
+        return 0
+
+    @property
+    def chunks(self):
+        """The tokenized, chunked splits (a DatasetDict with `input_ids`); builds them if needed."""
+        if self._chunks is None:
+            self._chunks = self._build()
+        return self._chunks
+
+    def prepare_data(self) -> None:
+        # Runs on one process per node: downloads, the embedded corpus and tokenization all land in caches, which
+        # setup() finds on every process. Keeping the result here only saves this process a cache lookup.
+        self._chunks = self._build()
+
+    def setup(self, stage: str | None = None) -> None:
+        self.chunks  # noqa: B018 (loads the caches that prepare_data built)
+
+    def train_dataloader(self) -> DataLoader:
+        lookahead = self.task == "clm" and self.random_shift
+        return self._loader(ChunkDataset(self.chunks["train"], lookahead), self._collator(train=True), shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(ChunkDataset(self.chunks["validation"]), self._collator(train=False), shuffle=False)
+
+    def describe(self) -> dict:
+        """Per split: number of chunks and of tokens, e.g. {"train": {"chunks": 4597, "tokens": 2357921}, ...}."""
+        return {
+            split: {"chunks": chunks.num_rows, "tokens": count_tokens(chunks)} for split, chunks in self.chunks.items()
+        }
+
+    def _build(self):
+        splits = load_text_splits(**self.source_options)
+        return tokenize_and_chunk(
+            splits, self._tokenizer, task=self.task, max_seq_len=self._max_seq_len, num_proc=self.num_proc
+        )
+
+    def _collator(self, train: bool):
+        if self.task == "clm":
+            return CLMCollator(
+                self.pad_token_id,
+                self._max_seq_len,
+                padding_side=self._tokenizer.padding_side,
+                random_shift=self.random_shift and train,
+                seed=self.seed,
+            )
+        static = self.static_masking or not train
+        return MLMCollator(self._tokenizer, **self.mask_options, static_masking=static, seed=self.seed)
+
+    def _loader(self, dataset: Dataset, collator, shuffle: bool) -> DataLoader:
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            shuffle=shuffle,
+            generator=torch.Generator().manual_seed(self.seed) if shuffle else None,
+            collate_fn=collator,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+        )

@@ -1,0 +1,275 @@
+"""Where training text comes from: the embedded corpus, local files, or a Hugging Face Hub dataset.
+
+Every source ends up as a `DatasetDict` with a "train" and a "validation" split, each with one string column `text`
+(one row per document). All of them are backed by arrow cache files, so the tokenization that follows
+(`pipeline.tokenize_and_chunk`) is cached by `datasets` too.
+"""
+
+import glob
+import os
+import re
+import threading
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from perceiver_cli.data.cache import datasets_cache_dir
+from perceiver_cli.errors import UserError
+
+if TYPE_CHECKING:
+    from datasets import DatasetDict
+
+SOURCES = ("embedded", "files", "hub")
+# file suffix -> `datasets` builder
+BUILDERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
+_VALIDATION_NAME = re.compile(r"^(validation|valid|val|dev)([._-].*)?$", re.IGNORECASE)
+_TEST_NAME = re.compile(r"^(test|testing)([._-].*)?$", re.IGNORECASE)
+HUB_PROBE_TIMEOUT_S = 3.0
+
+
+def load_text_splits(
+    source: str,
+    *,
+    path: str | None = None,
+    name: str | None = None,
+    config: str | None = None,
+    text_column: str = "text",
+    validation_fraction: float = 0.05,
+    seed: int = 0,
+) -> "DatasetDict":
+    """Load `source` as a DatasetDict with "train" and "validation" splits of one column, `text`.
+
+    - "embedded": the corpus of `perceiver_cli.data.corpus` (no download).
+    - "files": `path` is a file, a directory or a glob of .txt, .jsonl/.json, .parquet or .csv files (one kind).
+      In .txt files a document is a paragraph (text between blank lines); in the others, a row's `text_column`.
+      In a directory, files named validation*/valid*/val*/dev* form the validation split (test* files are then
+      left out); otherwise `validation_fraction` of the documents is split off, shuffled with `seed`.
+    - "hub": `datasets.load_dataset(name, config)`, served from the local Hugging Face cache when the Hub cannot be
+      reached; a missing "validation" split is split off as for files.
+    """
+    if not 0 < validation_fraction < 1:
+        raise UserError(f"validation fraction {validation_fraction} is out of range: use a number between 0 and 1")
+    if source == "embedded":
+        splits = _load_embedded()
+    elif source == "files":
+        if not path:
+            raise UserError("source 'files' needs a path: set path to a text file, a directory or a glob")
+        splits = _load_files(path, text_column)
+    elif source == "hub":
+        if not name:
+            raise UserError("source 'hub' needs a dataset name: set name (e.g. 'wikitext') and config if it has one")
+        splits = _load_hub(name, config, text_column)
+    else:
+        raise UserError(f"unknown data source {source!r}: use one of {', '.join(SOURCES)}")
+    return _with_validation(splits, validation_fraction, seed)
+
+
+def _load_embedded():
+    import datasets
+
+    from perceiver_cli.data.corpus import embedded_corpus_files
+
+    files = {split: str(file) for split, file in embedded_corpus_files().items()}
+    return datasets.load_dataset("json", data_files=files, cache_dir=str(datasets_cache_dir()))
+
+
+# --- local files -----------------------------------------------------------------------------------------------
+
+
+def _load_files(path: str, text_column: str):
+    import datasets
+
+    files = _resolve_files(path)
+    suffixes = sorted({Path(f).suffix.lower() for f in files})
+    unsupported = [s or "(none)" for s in suffixes if s not in BUILDERS]
+    if unsupported:
+        raise UserError(
+            f"unsupported file type {', '.join(unsupported)} in {path!r}: use {', '.join(BUILDERS)} files"
+        )
+    builders = {BUILDERS[s] for s in suffixes}
+    if len(builders) > 1:
+        raise UserError(f"{path!r} mixes file types ({', '.join(suffixes)}): point it at files of one type")
+    builder = builders.pop()
+    if all(_is_blank(f) for f in files):
+        raise UserError(f"no text found in {path!r}: the files are empty")
+    # Paragraphs, not lines: with one row per line, wrapped prose would get an end-of-text token after every line.
+    options = {"sample_by": "paragraph"} if builder == "text" else {}
+    try:
+        splits = datasets.load_dataset(
+            builder, data_files=_split_files(files), cache_dir=str(datasets_cache_dir()), **options
+        )
+    except Exception as e:  # a malformed file surfaces as one of many datasets/pyarrow errors
+        raise UserError(f"could not read {path!r} as {builder} files ({_reason(e)}): check the file format") from e
+    if builder != "text":
+        splits = _select_text_column(splits, text_column, where=repr(path))
+    if splits["train"].num_rows == 0:
+        raise UserError(f"no text found in {path!r}: the files are empty")
+    return splits
+
+
+def _resolve_files(path: str) -> list[str]:
+    expanded = os.path.expanduser(path)
+    if glob.has_magic(expanded):
+        candidates = glob.glob(expanded, recursive=True)
+        if not candidates:
+            raise UserError(f"no files match {path!r}: check the pattern")
+    elif os.path.isdir(expanded):
+        candidates = glob.glob(os.path.join(expanded, "**", "*"), recursive=True)
+        candidates = [f for f in candidates if Path(f).suffix.lower() in BUILDERS]
+        if not candidates:
+            raise UserError(f"no {', '.join(BUILDERS)} files in directory {path!r}: add some or point to a file")
+    elif os.path.isfile(expanded):
+        candidates = [expanded]
+    else:
+        raise UserError(f"data path {path!r} does not exist: point it at a text file, a directory or a glob")
+    # Hidden files (.DS_Store, editor backups) are never data.
+    files = sorted(os.path.abspath(f) for f in candidates if os.path.isfile(f) and not Path(f).name.startswith("."))
+    if not files:
+        raise UserError(f"no files match {path!r}: check the pattern")
+    return files
+
+
+def _is_blank(file: str) -> bool:
+    # Small files only: reading a large file just to find it has text would be wasted work.
+    size = os.path.getsize(file)
+    if size > 1 << 16:
+        return False
+    with open(file, "rb") as f:
+        return not f.read().strip()
+
+
+def _split_files(files: list[str]) -> dict[str, list[str]]:
+    validation = [f for f in files if _VALIDATION_NAME.match(Path(f).stem)]
+    if not validation:
+        return {"train": files}
+    train = [f for f in files if not _VALIDATION_NAME.match(Path(f).stem) and not _TEST_NAME.match(Path(f).stem)]
+    if not train:
+        names = ", ".join(os.path.basename(f) for f in validation)
+        raise UserError(f"only validation files found ({names}): add training files next to them")
+    return {"train": train, "validation": validation}
+
+
+# --- the Hugging Face Hub ----------------------------------------------------------------------------------------
+
+
+def _load_hub(name: str, config: str | None, text_column: str):
+    import datasets
+
+    what = f"{name!r}" + (f" ({config})" if config else "")
+    status = hub_status(name)
+    try:
+        # Unless the Hub answered for this dataset, `datasets` may only use its local cache: online, it would retry
+        # an unreachable Hub for a minute or more (or hang where packets are dropped) before failing.
+        with _offline(status != "online"):
+            splits = datasets.load_dataset(name, config)
+    except Exception as e:
+        reason = {
+            "online": _reason(e),
+            "missing": "not on the Hub (or it needs a login) and not in the local cache",
+            "unreachable": "no network and not in the local cache",
+        }[status]
+        fix = {
+            "online": "check the name and config on https://huggingface.co/datasets",
+            "missing": 'check the name, log in with `hf auth login`, or use source = "files"',
+            "unreachable": 'download it on a machine with network access or use source = "files"',
+        }[status]
+        raise UserError(
+            f"could not load dataset {what} from the Hugging Face Hub: {reason}; {fix}", hint=_reason(e)
+        ) from e
+    if not isinstance(splits, datasets.DatasetDict) or "train" not in splits:
+        raise UserError(f"dataset {what} has no 'train' split: pick a dataset or config that has one")
+    splits = datasets.DatasetDict({k: splits[k] for k in ("train", "validation") if k in splits})
+    return _select_text_column(splits, text_column, where=f"dataset {what}")
+
+
+def hub_status(name: str, timeout: float = HUB_PROBE_TIMEOUT_S) -> str:
+    """"online" if the Hub describes dataset `name` within about `timeout` seconds, "missing" if the Hub answers
+    that it does not exist (or is gated), else "unreachable" (also at once when HF_HUB_OFFLINE=1 is set).
+
+    A TCP connect is not enough of a test: sandboxes and corporate proxies accept connections to any address. The
+    probe uses the same HTTP stack (proxy, certificates, token, HF_ENDPOINT) as the download that follows, and runs
+    in a thread with a hard deadline, because name resolution is not covered by HTTP timeouts."""
+    from huggingface_hub import HfApi, constants
+    from huggingface_hub.errors import RepositoryNotFoundError
+
+    if constants.HF_HUB_OFFLINE:
+        return "unreachable"
+    answer = ["unreachable"]
+
+    def probe() -> None:
+        try:
+            HfApi().dataset_info(name, timeout=timeout)
+            answer[0] = "online"
+        except RepositoryNotFoundError:  # includes GatedRepoError
+            answer[0] = "missing"
+        except Exception:  # connection, TLS, timeout, or an HTTP answer that is not the Hub's
+            pass
+
+    thread = threading.Thread(target=probe, name="hub-probe", daemon=True)
+    thread.start()
+    thread.join(timeout + 1)
+    return answer[0]
+
+
+@contextmanager
+def _offline(enabled: bool):
+    # `datasets` and `huggingface_hub` read HF_HUB_OFFLINE from the environment once, at import; both look the
+    # module attributes up at call time, so setting them here switches offline mode for this call only.
+    import datasets.config
+    from huggingface_hub import constants
+
+    saved = datasets.config.HF_HUB_OFFLINE, constants.HF_HUB_OFFLINE
+    if enabled:
+        datasets.config.HF_HUB_OFFLINE = constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        datasets.config.HF_HUB_OFFLINE, constants.HF_HUB_OFFLINE = saved
+
+
+# --- shared --------------------------------------------------------------------------------------------------------
+
+
+def _select_text_column(splits, text_column: str, *, where: str):
+    from datasets import Value
+
+    for split in splits.values():
+        columns = list(split.column_names)
+        if text_column not in columns:
+            raise UserError(
+                f"column {text_column!r} not found in {where}: set text_column to one of {', '.join(columns)}"
+            )
+        feature = split.features[text_column]
+        if not (isinstance(feature, Value) and feature.dtype in ("string", "large_string")):
+            raise UserError(f"column {text_column!r} of {where} does not hold text: pick a column of strings")
+    splits = splits.select_columns([text_column])
+    return splits.rename_column(text_column, "text") if text_column != "text" else splits
+
+
+def _with_validation(splits, fraction: float, seed: int):
+    import datasets
+
+    if "validation" in splits:
+        return datasets.DatasetDict({"train": splits["train"], "validation": splits["validation"]})
+    train = splits["train"]
+    if train.num_rows < 2:
+        raise UserError(
+            f"only {train.num_rows} document found, too few to split off a validation set: add more text "
+            "(in .txt files, separate documents with a blank line) or provide a validation file"
+        )
+    try:
+        parts = train.train_test_split(test_size=fraction, seed=seed)
+    except ValueError as e:  # the fraction leaves one side empty
+        raise UserError(
+            f"cannot split {train.num_rows} documents with validation fraction {fraction}: use a fraction that leaves "
+            "documents on both sides, or provide a validation file"
+        ) from e
+    return datasets.DatasetDict({"train": parts["train"], "validation": parts["test"]})
+
+
+def _reason(e: BaseException) -> str:
+    """The root cause of `e` in one short line: `datasets` wraps the useful error in vaguer ones."""
+    while e.__cause__ is not None:
+        e = e.__cause__
+    text = " ".join(str(e).split())
+    return f"{type(e).__name__}: {text[:300]}" if text else type(e).__name__

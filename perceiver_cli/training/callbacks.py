@@ -1,0 +1,208 @@
+"""Lightning callbacks of a `perceiver train` run: progress, throughput, the final summary and loss plot, and
+atomic checkpoint files. Only rank 0 prints or writes."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.plugins.io import TorchCheckpointIO
+from pytorch_lightning.utilities import rank_zero_only
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from perceiver_cli.training.run_dir import write_atomically
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Checkpoints are written to a temporary file and renamed into place: a kill during saving leaves the previous
+    `last.ckpt` intact instead of a truncated one."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options=None) -> None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        torch.save(checkpoint, tmp)
+        os.replace(tmp, path)
+
+
+class Throughput(pl.Callback):
+    """Counts training tokens (non-padding inputs, all ranks) and wall time; the progress bar and summary read it."""
+
+    def __init__(self):
+        self.tokens = 0
+        self.train_seconds = 0.0
+        self._window: list[tuple[float, int]] = []  # (time, tokens) of recent steps, for a current tokens/s
+        self._start = 0.0
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self._start = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        pad_mask = batch.get("pad_mask")
+        n = batch["input_ids"].numel() - (0 if pad_mask is None else int(pad_mask.sum()))
+        self.tokens += n * trainer.world_size
+        now = time.perf_counter()
+        self._window = (self._window + [(now, self.tokens)])[-20:]
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self.train_seconds = time.perf_counter() - self._start
+
+    @property
+    def tokens_per_second(self) -> float:
+        if len(self._window) < 2:
+            return 0.0
+        (t0, n0), (t1, n1) = self._window[0], self._window[-1]
+        return (n1 - n0) / max(t1 - t0, 1e-9)
+
+
+class StepProgress(pl.Callback):
+    """A rich progress bar over optimizer steps (not epochs: with max_steps the epoch count means nothing), with
+    loss, validation loss, tokens per second and time left. Without a terminal (a log file, CI) it prints a plain
+    line every 5% of the run instead."""
+
+    def __init__(self, throughput: Throughput, console: Console):
+        self.throughput = throughput
+        self.console = console
+        self.progress: Progress | None = None
+        self.task = None
+        self.total: int | None = None
+
+    @rank_zero_only
+    def on_train_start(self, trainer, pl_module) -> None:
+        total = trainer.estimated_stepping_batches
+        self.total = int(total) if math.isfinite(total) else None
+        if not self.console.is_terminal:
+            return
+        self.progress = Progress(
+            TextColumn("[bold]step {task.completed}/{task.total}"),
+            BarColumn(),
+            TextColumn("{task.fields[metrics]}"),
+            TimeElapsedColumn(),
+            TextColumn("left"),
+            TimeRemainingColumn(),
+            console=self.console,
+        )
+        self.progress.start()
+        self.task = self.progress.add_task("train", total=self.total, completed=trainer.global_step, metrics="")
+
+    def _metrics(self, trainer) -> str:
+        metrics = trainer.callback_metrics
+        parts = [f"loss {float(metrics['train_loss']):.4f}"] if "train_loss" in metrics else []
+        if "val_loss" in metrics:
+            parts.append(f"val {float(metrics['val_loss']):.4f}")
+        parts.append(f"{self.throughput.tokens_per_second:,.0f} tok/s")
+        return "  ".join(parts)
+
+    @rank_zero_only
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        step = trainer.global_step
+        if self.progress is not None:
+            self.progress.update(self.task, completed=step, metrics=self._metrics(trainer))
+        elif step % max(1, (self.total or 1000) // 20) == 0:
+            self.console.print(f"step {step}/{self.total or '?'}  {self._metrics(trainer)}", highlight=False)
+
+    @rank_zero_only
+    def on_train_end(self, trainer, pl_module) -> None:
+        if self.progress is not None:
+            self.progress.update(self.task, completed=trainer.global_step, metrics=self._metrics(trainer))
+            self.progress.stop()
+
+
+class RunSummary(pl.Callback):
+    """At the end: summary.json, a summary table on the console, and loss.png (train and validation loss)."""
+
+    def __init__(self, run_dir: Path, throughput: Throughput, console: Console, bytes_per_token: float | None):
+        self.run_dir = run_dir
+        self.throughput = throughput
+        self.console = console
+        self.bytes_per_token = bytes_per_token  # for bits per byte (causal LMs only)
+        self.last_train_loss: float | None = None
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+        self.last_train_loss = float(loss)
+
+    @rank_zero_only
+    def on_train_end(self, trainer, pl_module) -> None:
+        val_loss = trainer.callback_metrics.get("val_loss")
+        val_loss = None if val_loss is None else float(val_loss)
+        seconds = self.throughput.train_seconds
+        summary = {
+            "steps": trainer.global_step,
+            "tokens": self.throughput.tokens,
+            "wall_seconds": round(seconds, 2),
+            "tokens_per_second": round(self.throughput.tokens / seconds, 1) if seconds > 0 else None,
+            "train_loss": self.last_train_loss,
+            "val_loss": val_loss,
+            "val_bits_per_byte": (
+                val_loss / math.log(2) / self.bytes_per_token
+                if val_loss is not None and self.bytes_per_token
+                else None
+            ),
+        }
+        write_atomically(self.run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
+        plot_losses(self.run_dir, self.run_dir / "loss.png")
+
+        table = Table(title=f"run {self.run_dir}", show_header=False)
+        for key, value in summary.items():
+            table.add_row(key.replace("_", " "), _format(key, value))
+        self.console.print(table)
+
+
+def _format(key: str, value) -> str:
+    if value is None:
+        return "-"
+    if key in ("steps", "tokens"):
+        return f"{value:,}"
+    if key in ("wall_seconds", "tokens_per_second"):
+        return f"{value:,.1f}"
+    return f"{value:.4f}"
+
+
+def csv_logs(run_dir: Path) -> list[Path]:
+    """The run's CSV metric logs in order: csv/ first, then one folder per resume (csv-1, csv-2, ...)."""
+    resumed = sorted(run_dir.glob("csv-*/metrics.csv"), key=lambda p: int(p.parent.name.split("-")[1]))
+    return [p for p in [run_dir / "csv" / "metrics.csv", *resumed] if p.is_file()]
+
+
+def plot_losses(run_dir: Path, out: Path) -> None:
+    """Plot train and validation loss against steps from Lightning's CSV logs (nothing if there is no log)."""
+    import csv
+
+    series: dict[str, list[tuple[int, float]]] = {"train_loss": [], "val_loss": []}
+    for metrics_csv in csv_logs(run_dir):
+        with metrics_csv.open() as f:
+            for row in csv.DictReader(f):
+                for key, points in series.items():
+                    if row.get(key):
+                        points.append((int(row["step"]), float(row[key])))
+    if not any(series.values()):
+        return
+
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display needed
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for key, label, style in (("train_loss", "train", "-"), ("val_loss", "validation", "o-")):
+        if series[key]:
+            steps, losses = zip(*series[key])
+            ax.plot(steps, losses, style, label=label)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats per token)")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    tmp = out.with_name(f".{out.stem}.tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, out)

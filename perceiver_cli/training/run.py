@@ -1,0 +1,150 @@
+"""What `perceiver train` does, step by step: resolve the config, describe it (dry run) or build and fit."""
+
+from __future__ import annotations
+
+import logging
+import math
+import warnings
+from pathlib import Path
+
+from rich.console import Console
+
+from perceiver_cli.config import RunConfig, load_run_config, parse_toml, to_toml, validate, apply_overrides
+from perceiver_cli.errors import UserError
+from perceiver_cli.training.run_dir import new_run_dir, resume_checkpoint, run_dir_of, write_atomically
+
+
+def resolve(preset: str, overrides: list[str], resume: str | None, output: Path | None) -> tuple[RunConfig, str, Path | None]:
+    """The run config, the run name and the checkpoint to resume from (if any).
+
+    Resuming continues the run as it was configured: its saved config.toml, plus this call's --set overrides
+    (for example a larger trainer.max_steps).
+    """
+    cfg, preset_name = load_run_config(preset, overrides)
+    if output is not None:
+        cfg.output.dir = str(output)
+    name = cfg.output.name or preset_name
+    if resume is None:
+        return cfg, name, None
+    checkpoint = resume_checkpoint(resume, Path(cfg.output.dir), name)
+    saved = run_dir_of(checkpoint) / "config.toml"
+    if saved.is_file():
+        values = apply_overrides(parse_toml(saved.read_text(), str(saved)), overrides)
+        cfg = validate(values, str(saved))
+    return cfg, name, checkpoint
+
+
+def count_parameters(cfg: RunConfig, vocab_size: int) -> int:
+    """Parameter count without allocating memory: the model is built on the meta device."""
+    import torch
+
+    from perceiver_cli.checkpoints import build_backend_model
+
+    with torch.device("meta"):
+        model, _ = build_backend_model(cfg.task, cfg.backend_config(vocab_size).to_dict())
+    return sum(p.numel() for p in model.parameters())
+
+
+def dry_run(cfg: RunConfig, name: str, console: Console) -> None:
+    """Print the resolved config, parameter count, memory and tokens per step; build nothing that allocates."""
+    vocab_size = cfg.vocab_size()
+    params = count_parameters(cfg, vocab_size)
+    t, d = cfg.trainer, cfg.data
+    devices = t.devices if isinstance(t.devices, int) else 1
+    tokens_per_step = d.batch_size * d.max_seq_len * t.accumulate_grad_batches * devices * t.num_nodes
+    state_bytes = params * 4 * 4  # fp32 weights, gradients and the optimizer's two moments
+    console.print(to_toml(cfg), markup=False, highlight=False)
+    console.print(f"run name            {name}  (under {cfg.output.dir}/{name}/)")
+    console.print(f"task                {cfg.task}")
+    console.print(f"vocabulary          {vocab_size:,} ({d.tokenizer})")
+    console.print(f"parameters          {params:,}")
+    console.print(f"weights+grads+optim {state_bytes / 2**30:,.2f} GiB (fp32, per device, before activations)")
+    console.print(f"activations (rough) {activation_bytes(cfg) / 2**30:,.2f} GiB per device")
+    console.print(f"tokens per step     {tokens_per_step:,} ({d.batch_size} x {d.max_seq_len} x "
+                  f"{t.accumulate_grad_batches} accumulation x {devices * t.num_nodes} devices)")
+
+
+def activation_bytes(cfg: RunConfig) -> int:
+    """A rough activation-memory estimate (fp32, no checkpointing): the tensors a backward pass keeps per layer."""
+    d = cfg.data
+    b, n = d.batch_size, d.max_seq_len
+    if cfg.task == "clm":
+        m = cfg.model
+        c, latents = m.num_channels, min(m.max_latents, n)
+        per_latent_layer = b * latents * c * (10 + 2 * m.self_attention_widening_factor)
+        cross = b * n * c * 6 + b * m.num_heads * latents * n  # prefix norms, keys, values; attention weights
+        layers = m.num_self_attention_layers + 1
+    else:
+        m = cfg.model
+        c, dl = m.encoder.num_input_channels, m.num_latent_channels
+        per_latent_layer = b * m.num_latents * dl * (10 + 2 * m.encoder.self_attention_widening_factor)
+        cross = b * n * c * 6 + b * n * dl  # encoder inputs and keys/values; decoder queries of masked positions
+        layers = m.encoder.num_self_attention_layers_per_block * m.encoder.num_self_attention_blocks + 2
+    if m.activation_checkpointing:
+        layers = 2  # roughly one layer's activations live at a time, plus the checkpointed inputs
+    return 4 * (cross + layers * per_latent_layer)
+
+
+def bytes_per_token(datamodule) -> float | None:
+    """UTF-8 bytes per token of the training text, so validation loss converts to bits per byte. The UTF-8
+    tokenizer has one byte per token by construction (special tokens aside)."""
+    if datamodule.tokenizer_spec == "utf8":
+        return 1.0
+    return None
+
+
+def fit(cfg: RunConfig, name: str, checkpoint: Path | None, console: Console) -> Path:
+    """Build everything and train; returns the run directory."""
+    quiet_libraries()  # before Lightning is imported: some of its notes come at import time
+    import pytorch_lightning as pl
+
+    from perceiver_cli.training.build import build_datamodule, build_lit_model, build_trainer
+
+    pl.seed_everything(cfg.trainer.seed, workers=True, verbose=False)
+    datamodule = build_datamodule(cfg)
+    lit = build_lit_model(cfg, datamodule.vocab_size)
+
+    if checkpoint is None:
+        run_dir = new_run_dir(Path(cfg.output.dir), name)
+    else:
+        run_dir = run_dir_of(checkpoint)
+    write_atomically(run_dir / "config.toml", to_toml(cfg))
+    params = sum(p.numel() for p in lit.model.parameters())
+    console.print(f"[bold]{name}[/]: {cfg.task} model with {params:,} parameters -> {run_dir}", soft_wrap=True)
+    if checkpoint is not None:
+        console.print(f"resuming from {checkpoint}")
+    with console.status("preparing data (cached after the first run)"):
+        datamodule.prepare_data()
+    console.print(_describe_data(cfg, datamodule), highlight=False, soft_wrap=True)
+
+    trainer = build_trainer(cfg, run_dir, console, bytes_per_token(datamodule), resumed=checkpoint is not None)
+    try:
+        trainer.fit(lit, datamodule=datamodule, ckpt_path=str(checkpoint) if checkpoint else None)
+    except KeyboardInterrupt:
+        raise UserError(f"interrupted; resume with: perceiver train --preset {name} --resume auto") from None
+    return run_dir
+
+
+def quiet_libraries() -> None:
+    """Keep the console to what matters: Lightning's device banners, data-loader advice and deprecation notes,
+    and the datasets library's per-step progress bars are noise in a training run's output."""
+    import datasets
+
+    datasets.disable_progress_bars()
+    datasets.logging.set_verbosity_error()
+    warnings.filterwarnings("ignore", message=".*treespec.*LeafSpec.*")
+    warnings.filterwarnings("ignore", message="Checkpoint directory .* exists and is not empty")
+    for name in ("pytorch_lightning.utilities.rank_zero", "lightning.pytorch.utilities.rank_zero",
+                 "lightning_fabric.utilities.rank_zero", "pytorch_lightning.accelerators.cuda"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+    warnings.filterwarnings("ignore", message=".*number of training batches.*smaller than the logging interval.*")
+
+
+def _describe_data(cfg: RunConfig, datamodule) -> str:
+    sizes = datamodule.describe()
+    d = cfg.data
+    source = {"embedded": "embedded corpus", "files": f"files {d.path}", "hub": f"hub {d.name} {d.config_name or ''}"}
+    parts = [f"{split} {s['tokens']:,} tokens ({s['chunks']:,} chunks)" for split, s in sizes.items()]
+    steps = math.ceil(sizes["train"]["chunks"] / d.batch_size)
+    return f"data: {source[d.source]}: " + ", ".join(parts) + f"; {steps:,} batches per epoch"
