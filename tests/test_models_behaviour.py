@@ -227,3 +227,22 @@ def test_lightning_checkpoint_rebuilds_the_model_without_pickled_code(tmp_path):
         loaded = type(lit).load_from_checkpoint(path)
         for (name, a), (_, b) in zip(lit.state_dict().items(), loaded.state_dict().items(), strict=True):
             assert torch.equal(a, b), name
+
+
+def test_masks_are_built_on_the_inputs_device(monkeypatch):
+    # The cross-attention's right-aligned causal mask is built inside the model; on another device than the
+    # inputs' (seen on CUDA) SDPA refuses it. On the meta device the mask's device shows without a GPU.
+    import perceiver_cli.models.attention as attention
+
+    seen = []
+    sdpa = attention.F.scaled_dot_product_attention
+
+    def spy(q, k, v, attn_mask=None, **kwargs):
+        seen.append(None if attn_mask is None else attn_mask.device.type)
+        return sdpa(q, k, v, attn_mask=attn_mask, **kwargs)
+
+    monkeypatch.setattr(attention.F, "scaled_dot_product_attention", spy)
+    with torch.device("meta"):
+        model = CausalLanguageModel(tiny_clm_config())
+    model(torch.zeros(2, 30, dtype=torch.long, device="meta"), 18)  # outside the context: no default device
+    assert "meta" in seen and "cpu" not in seen

@@ -102,7 +102,7 @@ class KVCache:
 
 
 def attention_mask(
-    pad_mask: torch.Tensor | None, num_queries: int, num_keys: int, causal: bool
+    pad_mask: torch.Tensor | None, num_queries: int, num_keys: int, causal: bool, device: torch.device | None = None
 ) -> torch.Tensor | None:
     """Boolean mask for SDPA (True = may attend), broadcastable to (B, H, Nq, Nk), or None for "attend to all".
 
@@ -115,7 +115,6 @@ def attention_mask(
     keep = None if pad_mask is None else ~pad_mask[:, None, None, :]  # (B, 1, 1, Nk)
     if not causal:
         return keep
-    device = None if pad_mask is None else pad_mask.device
     query_pos = torch.arange(num_queries, device=device)[:, None] + (num_keys - num_queries)  # (Nq, 1)
     key_pos = torch.arange(num_keys, device=device)  # (Nk,)
     mask = key_pos <= query_pos  # (Nq, Nk)
@@ -200,7 +199,7 @@ class MultiHeadAttention(nn.Module):
         if self.causal and pad_mask is None and num_queries == num_keys:
             mask, is_causal = None, True  # lets SDPA pick its fused causal kernel
         else:
-            mask, is_causal = attention_mask(pad_mask, num_queries, num_keys, self.causal), False
+            mask, is_causal = attention_mask(pad_mask, num_queries, num_keys, self.causal, q.device), False
 
         if self.max_heads_parallel >= self.num_heads:
             o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=is_causal)
