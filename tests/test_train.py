@@ -124,3 +124,20 @@ def test_hub_source_without_network_fails_fast(capsys, tmp_path):
     )
     assert code == 2 and "wikitext" in err and "Traceback" not in out + err
     assert time.perf_counter() - start < 15
+
+
+def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(capsys, tmp_path, monkeypatch):
+    from perceiver_cli.models.lightning import LitCausalLanguageModel
+
+    finite_loss = LitCausalLanguageModel.loss
+
+    def loss_that_breaks_at_step_3(self, batch):
+        loss = finite_loss(self, batch)
+        return loss * float("nan") if self.global_step >= 3 else loss
+
+    monkeypatch.setattr(LitCausalLanguageModel, "loss", loss_that_breaks_at_step_3)
+    code, out, err = train(capsys, "clm", tmp_path, "trainer.max_steps=6")
+    assert code == 2 and "became NaN or infinite at step 3" in err and "Traceback" not in out + err
+    last = tmp_path / "clm-small" / "version_0" / "checkpoints" / "last.ckpt"
+    assert "last good checkpoint" in err and checkpoint_step(last) == 2
+    assert all(torch.isfinite(t).all() for t in torch.load(last, weights_only=True)["state_dict"].values())

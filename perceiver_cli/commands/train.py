@@ -26,8 +26,9 @@ def train(
     from rich.console import Console
 
     from perceiver_cli.training import run
+    from perceiver_cli.training.run_dir import process_rank
 
-    console = Console()
+    console = Console(quiet=process_rank() > 0)  # in a multi-process run only rank 0 speaks
     cfg, name, checkpoint = run.resolve(preset, overrides or [], resume, output)
     if dry_run:
         run.dry_run(cfg, name, console)

@@ -19,6 +19,16 @@ from perceiver_cli.training.optim import build_optimizer, build_scheduler
 Batch = dict[str, torch.Tensor]
 
 
+class NonFiniteLossError(RuntimeError):
+    """The loss or the gradients became NaN or infinite; raised before the optimizer step, so no checkpoint
+    ever holds weights updated from them."""
+
+    def __init__(self, what: str, step: int):
+        super().__init__(f"the {what} became NaN or infinite at step {step}")
+        self.what = what
+        self.step = step
+
+
 class LitLanguageModel(pl.LightningModule):
     """What both wrappers share: training and validation steps around `loss`, optimizer and schedule."""
 
@@ -58,8 +68,17 @@ class LitLanguageModel(pl.LightningModule):
 
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
         loss = self.loss(batch)
+        if not torch.isfinite(loss):
+            raise NonFiniteLossError("training loss", self.global_step)
         self.log("train_loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
         return loss
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        # A finite loss can still overflow in the backward pass; updating with such gradients would poison the
+        # weights that the next checkpoint saves.
+        grads = [p.grad for p in self.parameters() if p.grad is not None]
+        if grads and not torch.isfinite(torch.stack([g.norm() for g in grads]).sum()):
+            raise NonFiniteLossError("gradient", self.global_step)
 
     def validation_step(self, batch: Batch, batch_idx: int) -> None:
         loss = self.loss(batch)

@@ -11,7 +11,13 @@ from perceiver_cli.config import RunConfig
 from perceiver_cli.data.datamodule import TextDataModule
 from perceiver_cli.errors import UserError
 from perceiver_cli.models.lightning import LitCausalLanguageModel, LitLanguageModel, LitMaskedLanguageModel
-from perceiver_cli.training.callbacks import AtomicCheckpointIO, RunSummary, StepProgress, Throughput
+from perceiver_cli.training.callbacks import (
+    AtomicCheckpointIO,
+    RunSummary,
+    SaveOnInterrupt,
+    StepProgress,
+    Throughput,
+)
 
 
 def build_datamodule(cfg: RunConfig) -> TextDataModule:
@@ -89,8 +95,8 @@ def build_trainer(
         dirpath=checkpoints, filename="best", monitor="val_loss", mode="min", save_top_k=1,
         enable_version_counter=False,
     )
-    # `last` is saved at every validation and at the end (save_on_exception too), so a killed run loses at most
-    # one validation interval.
+    # `last` is saved at every validation and at the end, so a killed run loses at most one validation interval
+    # (Ctrl-C saves it too, see SaveOnInterrupt).
     last = ModelCheckpoint(
         dirpath=checkpoints, filename="last", save_top_k=1, enable_version_counter=False,
         every_n_train_steps=t.val_check_interval if steps_interval else None,
@@ -103,6 +109,7 @@ def build_trainer(
         StepProgress(throughput, console),
         RunSummary(run_dir, throughput, console, bytes_per_token),
         LearningRateMonitor(logging_interval="step"),
+        SaveOnInterrupt(checkpoints / "last.ckpt"),
     ]
     if cfg.task == "clm" and cfg.output.sample_prompt:
         from perceiver_cli.training.samples import ValidationSample

@@ -33,6 +33,20 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         os.replace(tmp, path)
 
 
+class SaveOnInterrupt(pl.Callback):
+    """Ctrl-C saves the current state as the last checkpoint, so `--resume auto` continues from this very step.
+    Other exceptions save nothing: a failure (a NaN loss, say) must not overwrite the last good checkpoint."""
+
+    def __init__(self, last: Path):
+        self.last = last
+        self.interrupted_at: int | None = None
+
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        if isinstance(exception, KeyboardInterrupt) and trainer.global_step > 0:
+            trainer.save_checkpoint(self.last)
+            self.interrupted_at = trainer.global_step
+
+
 class Throughput(pl.Callback):
     """Counts training tokens (non-padding inputs, all ranks) and wall time; the progress bar and summary read it."""
 

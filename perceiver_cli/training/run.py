@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import warnings
 from pathlib import Path
 
@@ -11,7 +12,15 @@ from rich.console import Console
 
 from perceiver_cli.config import RunConfig, load_run_config, parse_toml, to_toml, validate, apply_overrides
 from perceiver_cli.errors import UserError
-from perceiver_cli.training.run_dir import new_run_dir, resume_checkpoint, run_dir_of, write_atomically
+from perceiver_cli.training.run_dir import (
+    RUN_DIR_ENV,
+    launched_run_dir,
+    new_run_dir,
+    process_rank,
+    resume_checkpoint,
+    run_dir_of,
+    write_atomically,
+)
 
 
 def resolve(preset: str, overrides: list[str], resume: str | None, output: Path | None) -> tuple[RunConfig, str, Path | None]:
@@ -98,17 +107,19 @@ def fit(cfg: RunConfig, name: str, checkpoint: Path | None, console: Console) ->
     quiet_libraries()  # before Lightning is imported: some of its notes come at import time
     import pytorch_lightning as pl
 
+    from perceiver_cli.models.lightning import NonFiniteLossError
     from perceiver_cli.training.build import build_datamodule, build_lit_model, build_trainer
+    from perceiver_cli.training.callbacks import SaveOnInterrupt
 
     pl.seed_everything(cfg.trainer.seed, workers=True, verbose=False)
     datamodule = build_datamodule(cfg)
     lit = build_lit_model(cfg, datamodule.vocab_size)
 
-    if checkpoint is None:
-        run_dir = new_run_dir(Path(cfg.output.dir), name)
-    else:
-        run_dir = run_dir_of(checkpoint)
-    write_atomically(run_dir / "config.toml", to_toml(cfg))
+    run_dir = launched_run_dir(Path(cfg.output.dir), name)
+    if run_dir is None:
+        run_dir = new_run_dir(Path(cfg.output.dir), name) if checkpoint is None else run_dir_of(checkpoint)
+    if process_rank() == 0:
+        write_atomically(run_dir / "config.toml", to_toml(cfg))
     params = sum(p.numel() for p in lit.model.parameters())
     console.print(f"[bold]{name}[/]: {cfg.task} model with {params:,} parameters -> {run_dir}", soft_wrap=True)
     if checkpoint is not None:
@@ -118,10 +129,25 @@ def fit(cfg: RunConfig, name: str, checkpoint: Path | None, console: Console) ->
     console.print(_describe_data(cfg, datamodule), highlight=False, soft_wrap=True)
 
     trainer = build_trainer(cfg, run_dir, console, bytes_per_token(datamodule), resumed=checkpoint is not None)
+    os.environ[RUN_DIR_ENV] = str(run_dir)  # the ranks Lightning starts (strategy ddp) inherit it
     try:
         trainer.fit(lit, datamodule=datamodule, ckpt_path=str(checkpoint) if checkpoint else None)
-    except KeyboardInterrupt:
-        raise UserError(f"interrupted; resume with: perceiver train --preset {name} --resume auto") from None
+    except NonFiniteLossError as err:
+        last = run_dir / "checkpoints" / "last.ckpt"
+        kept = f"the last good checkpoint is {last}" if last.is_file() else "no checkpoint was written yet"
+        raise UserError(
+            f"{err}; training stopped and {kept}",
+            hint="lower optimizer.lr, raise scheduler.warmup_steps or set trainer.gradient_clip_val, then resume",
+        ) from None
+    except SystemExit as exit_:  # Lightning's answer to Ctrl-C: it saved what it could and exits
+        interrupted = next((c for c in trainer.callbacks if isinstance(c, SaveOnInterrupt)), None)
+        if interrupted is not None and interrupted.interrupted_at is not None:
+            console.print(f"saved step {interrupted.interrupted_at} to {run_dir / 'checkpoints' / 'last.ckpt'}; "
+                          f"resume with: perceiver train --preset {name} --resume auto", soft_wrap=True)
+            raise SystemExit(130) from None
+        raise exit_
+    finally:
+        os.environ.pop(RUN_DIR_ENV, None)
     return run_dir
 
 

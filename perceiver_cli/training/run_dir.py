@@ -41,6 +41,33 @@ def new_run_dir(runs_dir: Path, name: str) -> Path:
             version += 1
 
 
+RUN_DIR_ENV = "PERCEIVER_RUN_DIR"  # set by rank 0 for the ranks Lightning launches after it
+
+
+def process_rank() -> int:
+    """This process's global rank in a multi-process run, from the launcher's environment (0 when alone)."""
+    for key in ("RANK", "SLURM_PROCID", "LOCAL_RANK"):
+        if key in os.environ:
+            return int(os.environ[key])
+    return 0
+
+
+def launched_run_dir(runs_dir: Path, name: str) -> Path | None:
+    """The run directory every rank of a multi-process run shares, where the launch decides it:
+    - ranks that Lightning starts from the `perceiver` command (strategy ddp) take the one rank 0 created;
+    - under torchrun or SLURM, where every rank starts the command by itself, the job's id names it.
+    None for a single process or rank 0 of a Lightning launch: that process creates a new version directory."""
+    if process_rank() > 0 and RUN_DIR_ENV in os.environ:
+        return Path(os.environ[RUN_DIR_ENV])
+    world_size = int(os.environ.get("WORLD_SIZE") or os.environ.get("SLURM_NTASKS") or 1)
+    job = os.environ.get("TORCHELASTIC_RUN_ID") or os.environ.get("SLURM_JOB_ID")
+    if world_size > 1 and job:
+        run_dir = runs_dir / name / f"job-{job}"
+        run_dir.mkdir(parents=True, exist_ok=True)
+        return run_dir
+    return None
+
+
 def resume_checkpoint(resume: str, runs_dir: Path, name: str) -> Path:
     """The checkpoint `--resume` means: `auto` is the newest version of this run name with a last checkpoint;
     otherwise a run directory or a checkpoint file."""
