@@ -84,13 +84,15 @@ class CausalLanguageModel(PerceiverAR):
         token is its index after the padding, so padding never shifts the model's view of the text.
         """
         num_cached = 0 if cache is None else len(cache)
+        num_cached_latents = 0 if cache is None else cache.num_latents
         n = x.shape[1]
         if not 0 <= prefix_len < n:
             raise ValueError(f"prefix_len ({prefix_len}) must be in [0, {n}) for an input of length {n}")
-        if num_cached + prefix_len > self.max_prefix_len:
-            raise ValueError(f"prefix length {num_cached + prefix_len} exceeds max_prefix_len {self.max_prefix_len}")
-        if cache is None and n - prefix_len > self.max_latents:
-            raise ValueError(f"{n - prefix_len} latents exceed max_latents {self.max_latents}")
+        total_prefix_len = num_cached - num_cached_latents + prefix_len
+        if total_prefix_len > self.max_prefix_len:
+            raise ValueError(f"prefix length {total_prefix_len} exceeds max_prefix_len {self.max_prefix_len}")
+        if num_cached_latents + n - prefix_len > self.max_latents:
+            raise ValueError(f"{num_cached_latents + n - prefix_len} latents exceed max_latents {self.max_latents}")
 
         positions = self._positions(pad_mask, num_cached, n, x.device)
         h = super().forward(self.input_adapter(x, positions), positions, prefix_len, pad_mask, cache)

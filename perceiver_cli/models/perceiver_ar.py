@@ -45,6 +45,11 @@ class PerceiverARCache:
     def __len__(self) -> int:
         return len(self.cross_attention)
 
+    @property
+    def num_latents(self) -> int:
+        """Cached latent positions: the self-attention layers see the latents only."""
+        return len(self.self_attention[0]) if self.self_attention else 0
+
 
 class PerceiverAR(nn.Module):
     def __init__(self, config: PerceiverARConfig, num_channels: int, num_rotary_channels_per_head: int):

@@ -1,0 +1,236 @@
+"""`perceiver convert --to hf` for causal LMs: our transformers classes, `generate()` with and without the cache,
+and the `--remote-code` export that loads without perceiver_cli."""
+
+import dataclasses
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from cli_runner import run_cli
+from isolated_python import run_isolated
+from tiny_models import tiny_clm_config
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from perceiver_cli import cli
+from perceiver_cli.checkpoints import load_model, write_checkpoint
+from perceiver_cli.models.clm import CausalLanguageModel, CausalLanguageModelConfig
+
+# Importing the package registers our model type with AutoConfig and AutoModelForCausalLM.
+from perceiver_cli.models.huggingface import PerceiverARCausalLMConfig, PerceiverARForCausalLM
+
+CONFIG = tiny_clm_config(cross_attention_dropout=0.0)  # max_seq_len 48, max_latents 12
+
+
+def random_clm(config: CausalLanguageModelConfig) -> CausalLanguageModel:
+    torch.manual_seed(0)
+    model = CausalLanguageModel(config).eval()
+    with torch.no_grad():  # LayerNorms away from the identity too
+        for name, parameter in model.named_parameters():
+            if "norm" in name:
+                parameter.normal_(1.0 if name.endswith("weight") else 0.0, 0.1)
+    return model
+
+
+def convert(*args: str) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        cli.run_app(cli.app, ["convert", *args])
+    assert exit_.value.code == 0
+
+
+@pytest.fixture(scope="module")
+def backend():
+    return random_clm(CONFIG)
+
+
+@pytest.fixture(scope="module")
+def exported(backend, tmp_path_factory):
+    directory = tmp_path_factory.mktemp("clm")
+    write_checkpoint(directory / "clm.ckpt", "clm", backend, CONFIG)
+    convert("--to", "hf", "--model", str(directory / "clm.ckpt"), str(directory / "hf"))
+    return directory / "hf"
+
+
+@pytest.fixture(scope="module")
+def hf_model(exported):
+    return AutoModelForCausalLM.from_pretrained(exported).eval()
+
+
+def reference_greedy(model: CausalLanguageModel, prompt: list[int], steps: int, num_latents: int | None):
+    """Tokens and next-token logits of greedy decoding by the backend, one full forward pass per step, following
+    the generation protocol: latents grow to max_latents, then the prefix to max_seq_len - max_latents, then the
+    window slides."""
+    config = model.config
+    tokens, logits = list(prompt), []
+    latents = None
+    for _ in range(steps):
+        window = min(len(tokens), config.max_seq_len)
+        if latents is None:
+            latents = min(num_latents or config.max_latents, window)
+        else:
+            latents = min(latents + 1, config.max_latents)
+        latents = max(latents, window - (config.max_seq_len - config.max_latents))
+        with torch.no_grad():
+            step_logits = model(torch.tensor([tokens[-window:]]), window - latents)[0, -1]
+        logits.append(step_logits)
+        tokens.append(int(step_logits.argmax()))
+    return tokens[len(prompt) :], torch.stack(logits)
+
+
+def hf_greedy(model, prompt: torch.Tensor, steps: int, use_cache: bool, **kwargs):
+    with torch.no_grad():
+        output = model.generate(
+            prompt, max_new_tokens=steps, min_new_tokens=steps, do_sample=False, use_cache=use_cache,
+            return_dict_in_generate=True, output_logits=True, **kwargs,
+        )
+    return output.sequences[:, prompt.shape[1] :], torch.stack(output.logits, dim=1)
+
+
+def test_config_mirrors_the_backend_config():
+    backend_fields = {f.name: f.default for f in dataclasses.fields(CausalLanguageModelConfig)}
+    hf = PerceiverARCausalLMConfig()
+    assert {name: getattr(hf, name) for name in backend_fields} == backend_fields
+    assert PerceiverARCausalLMConfig.from_backend_config(CONFIG).backend_config() == CONFIG
+
+
+def test_export_loads_with_auto_model_and_computes_the_backend_logits(backend, exported):
+    assert {p.name for p in exported.iterdir()} >= {"config.json", "model.safetensors", "generation_config.json"}
+    model, info = AutoModelForCausalLM.from_pretrained(exported, output_loading_info=True)
+    assert type(model) is PerceiverARForCausalLM
+    assert all(not value for value in info.values()), info
+    ours = backend.state_dict()
+    theirs = model.state_dict()
+    assert theirs.keys() == {f"model.{k}" for k in ours}
+    assert all(torch.equal(theirs[f"model.{k}"], v) for k, v in ours.items())
+    ids = torch.randint(6, 262, (2, 30))
+    with torch.no_grad():
+        assert torch.equal(model.eval()(ids, prefix_len=20).logits, backend(ids, 20))
+    assert (model.generation_config.bos_token_id, model.generation_config.eos_token_id) == (1, 2)
+    assert model.generation_config.pad_token_id == 0
+    assert AutoTokenizer.from_pretrained(exported).padding_side == "left"
+
+
+def test_greedy_generate_with_and_without_cache_agrees_while_latents_grow(backend, hf_model):
+    # 6 prompt tokens, 2 of them latents, 10 new tokens: the latents grow to 11 of at most 12 (the exact regime).
+    prompt = torch.randint(6, 262, (1, 6), generator=torch.Generator().manual_seed(2))
+    expected_tokens, expected_logits = reference_greedy(backend, prompt[0].tolist(), 10, num_latents=2)
+    for use_cache in (True, False):
+        tokens, logits = hf_greedy(hf_model, prompt, 10, use_cache, num_latents=2)
+        assert tokens[0].tolist() == expected_tokens, use_cache
+        torch.testing.assert_close(logits[0], expected_logits, atol=1e-5, rtol=0)
+
+
+def test_generate_without_cache_follows_the_protocol_past_the_window(backend, hf_model):
+    # 40 prompt tokens with as many latents as fit (12), 20 new tokens: the prefix grows to 36, then the window
+    # (48) slides. Without the cache every step is the reference's full forward pass.
+    prompt = torch.randint(6, 262, (1, 40), generator=torch.Generator().manual_seed(3))
+    expected_tokens, expected_logits = reference_greedy(backend, prompt[0].tolist(), 20, num_latents=None)
+    tokens, logits = hf_greedy(hf_model, prompt, 20, use_cache=False)
+    assert tokens[0].tolist() == expected_tokens
+    torch.testing.assert_close(logits[0], expected_logits, atol=1e-5, rtol=0)
+    # With the cache only the latents' self-attention keys/values go stale there: close, not equal.
+    _, cached_logits = hf_greedy(hf_model, prompt, 20, use_cache=True)
+    assert (cached_logits[0] - expected_logits).abs().max() < 0.05
+
+
+def test_cache_keeps_the_cross_attention_exact_when_latents_join_the_prefix_and_the_window_slides():
+    # Without absolute position embeddings nothing in the cross-attention cache goes stale: after latents joined
+    # the prefix and the window slid, it equals a fresh forward pass over the final window. Row 1 is left-padded.
+    config = dataclasses.replace(CONFIG, abs_pos_emb=False)
+    model = PerceiverARForCausalLM(PerceiverARCausalLMConfig.from_backend_config(config)).eval()
+    model.model.load_state_dict(random_clm(config).state_dict())
+    prompt = torch.randint(6, 262, (2, 40), generator=torch.Generator().manual_seed(4))
+    mask = torch.ones(2, 40, dtype=torch.long)
+    mask[1, :3] = 0
+    with torch.no_grad():
+        output = model.generate(
+            prompt, attention_mask=mask, max_new_tokens=15, min_new_tokens=15, do_sample=False,
+            return_dict_in_generate=True, num_latents=4,
+        )
+    cache = output.cache
+    window = len(cache)  # the last forward pass saw the window of all tokens but the last generated one
+    assert window == config.max_seq_len
+    ids = output.sequences[:, -window - 1 : -1]
+    window_mask = torch.cat([mask, torch.ones(2, 15, dtype=torch.long)], dim=1)[:, -window - 1 : -1]
+    fresh = model.model.empty_cache()
+    with torch.no_grad():
+        model.model(ids, window - cache.num_latents, pad_mask=window_mask == 0, cache=fresh)
+    real = window_mask.bool()[:, None, :, None]  # padding keys are masked out, whatever they hold
+    for cached, recomputed in zip(
+        (cache.cross_attention.k, cache.cross_attention.v), (fresh.cross_attention.k, fresh.cross_attention.v)
+    ):
+        torch.testing.assert_close(cached * real, recomputed * real, atol=1e-5, rtol=0)
+
+
+def test_left_padded_batch_generates_what_each_prompt_generates_alone(hf_model):
+    generator = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(6, 262, (1, n), generator=generator) for n in (9, 5)]
+    batch = torch.zeros(2, 9, dtype=torch.long)
+    mask = torch.zeros(2, 9, dtype=torch.long)
+    for row, prompt in enumerate(prompts):
+        batch[row, -prompt.shape[1] :] = prompt[0]
+        mask[row, -prompt.shape[1] :] = 1
+    for use_cache in (True, False):
+        tokens, _ = hf_greedy(hf_model, batch, 8, use_cache, attention_mask=mask, num_latents=2)
+        for row, prompt in enumerate(prompts):
+            alone, _ = hf_greedy(hf_model, prompt, 8, use_cache, num_latents=2)
+            assert tokens[row].tolist() == alone[0].tolist(), (use_cache, row)
+
+
+def test_beam_search_with_and_without_cache_agrees(hf_model):
+    prompt = torch.randint(6, 262, (1, 6), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        cached, full = (
+            hf_model.generate(prompt, max_new_tokens=6, num_beams=3, do_sample=False, num_latents=2, use_cache=c)
+            for c in (True, False)
+        )
+    assert torch.equal(cached, full)
+
+
+def test_labels_give_the_next_token_loss_of_the_latents(backend, hf_model):
+    ids = torch.randint(6, 262, (2, 20))
+    with torch.no_grad():
+        loss = hf_model(ids, prefix_len=10, labels=ids).loss
+        logits = backend(ids, 10)
+    torch.testing.assert_close(loss, F.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 11:].flatten()))
+
+
+def test_round_trip_is_bit_exact(backend, exported, tmp_path, capsys):
+    assert run_cli(capsys, "convert", "--from", "hf", str(exported), str(tmp_path / "back.ckpt"))[0] == 0
+    loaded = load_model(tmp_path / "back.ckpt", task="clm")
+    assert loaded.config == CONFIG and loaded.tokenizer == "utf8"
+    state = loaded.model.state_dict()
+    assert state.keys() == backend.state_dict().keys()
+    assert all(torch.equal(state[k], v) for k, v in backend.state_dict().items())
+
+
+def test_remote_code_export_loads_and_generates_without_perceiver_cli(backend, tmp_path, capsys):
+    write_checkpoint(tmp_path / "clm.ckpt", "clm", backend, CONFIG)
+    status, out, err = run_cli(
+        capsys, "convert", "--to", "hf", "--remote-code", "--model", str(tmp_path / "clm.ckpt"), str(tmp_path / "rc")
+    )
+    assert status == 0, err
+    assert "trust_remote_code=True" in out
+    assert json.loads((tmp_path / "rc" / "config.json").read_text())["auto_map"]["AutoModelForCausalLM"] == (
+        "modeling_perceiver_ar.PerceiverARForCausalLM"
+    )
+    prompt = [72, 111, 115, 117, 38, 44]
+    expected, _ = reference_greedy(backend, prompt, 10, num_latents=2)
+    script = f"""
+import torch
+from transformers import AutoModelForCausalLM
+
+model = AutoModelForCausalLM.from_pretrained("rc", trust_remote_code=True).eval()
+prompt = torch.tensor([{prompt}])
+runs = {{
+    str(use_cache): model.generate(prompt, max_new_tokens=10, min_new_tokens=10, do_sample=False, num_latents=2,
+                                   use_cache=use_cache)[0, 6:].tolist()
+    for use_cache in (True, False)
+}}
+print(json.dumps({{"module": type(model).__module__, "class": type(model).__name__, "tokens": runs}}))
+"""
+    result, isolation = run_isolated(script, cwd=tmp_path)
+    assert isolation == {"perceiver_cli_imported": False, "perceiver_cli_importable": False}
+    assert result["class"] == "PerceiverARForCausalLM"
+    assert result["module"].startswith("transformers_modules.")
+    assert result["tokens"] == {"True": expected, "False": expected}
