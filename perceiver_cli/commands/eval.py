@@ -1,0 +1,167 @@
+"""`perceiver eval`: measure a trained model on a text split (see perceiver_cli/evaluation.py for the metrics).
+
+The data is the run's own (the [data] section of the preset it was trained with, and the trainer seed, so a split
+made from the training data is the same split again), else the embedded corpus. Options override it: --source,
+--path or --name describe a different source (--path alone means source "files", --name alone "hub");
+--config-name and --text-column change one setting of whichever source is used.
+"""
+
+import sys
+from contextlib import contextmanager
+from typing import Annotated
+
+import typer
+
+from perceiver_cli.errors import UserError
+
+SPLITS = ("validation", "train")
+
+
+def evaluate(
+    model: Annotated[
+        str | None,
+        typer.Option(help="Run directory, checkpoint file or exported model (default: the most recent run)."),
+    ] = None,
+    split: Annotated[str, typer.Option(help="The split to evaluate: validation or train.")] = "validation",
+    source: Annotated[str | None, typer.Option(help="Data source: embedded, files or hub.")] = None,
+    path: Annotated[str | None, typer.Option(help="files: a file, directory or glob of text files.")] = None,
+    name: Annotated[str | None, typer.Option(help="hub: a dataset name, e.g. wikitext.")] = None,
+    config_name: Annotated[str | None, typer.Option(help="hub: the dataset configuration.")] = None,
+    text_column: Annotated[str | None, typer.Option(help="The column that holds the text.")] = None,
+    limit: Annotated[int | None, typer.Option(help="Evaluate the first N documents only (a quick check).")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Sequences per batch (default: the run's).")] = None,
+    json_output: Annotated[bool, typer.Option("--json", help="Print the results as one JSON object.")] = False,
+    device: Annotated[str, typer.Option(help="cpu, cuda, cuda:N or mps.")] = "cpu",
+) -> None:
+    """Evaluate a model: loss, perplexity and bits per byte (causal LM), or masked-token loss and accuracy."""
+    import json
+
+    from perceiver_cli.data.sources import load_text_splits
+    from perceiver_cli.data.tokenizer import load_tokenizer
+    from perceiver_cli.model_choice import choose_model, resolve_device
+
+    if split not in SPLITS:
+        raise UserError(f"unknown split {split!r}: use validation or train")
+    if limit is not None and limit < 1:
+        raise UserError(f"--limit must be at least 1 document, got {limit}")
+    if batch_size is not None and batch_size < 1:
+        raise UserError(f"--batch-size must be at least 1, got {batch_size}")
+    loaded = choose_model(model, None, device=resolve_device(device))
+    run_config = loaded.run_config or {}
+    data = data_source(run_config.get("data") or {}, source, path, name, config_name, text_column)
+    batch_size = batch_size or (run_config.get("data") or {}).get("batch_size", 8)
+    seed = (run_config.get("trainer") or {}).get("seed", 0)
+
+    splits = load_text_splits(
+        data["source"],
+        path=data["path"],
+        name=data["name"],
+        config=data["config_name"],
+        text_column=data["text_column"],
+        validation_fraction=data["validation_fraction"],
+        seed=seed,
+    )
+    documents = splits[split]
+    if limit is not None:
+        documents = documents.select(range(min(limit, documents.num_rows)))
+
+    tokenizer = load_tokenizer(loaded.tokenizer, padding_side="left" if loaded.task == "clm" else "right")
+    with _progress_bar() as progress:
+        metrics = _run(loaded, tokenizer, documents, split, batch_size, run_config, seed, progress)
+
+    result = {
+        "task": loaded.task,
+        "model": str(loaded.source),
+        "split": split,
+        "data": {k: v for k, v in data.items() if v is not None and k != "validation_fraction"},
+        "documents": documents.num_rows,
+        **metrics,
+    }
+    if json_output:
+        print(json.dumps(result, ensure_ascii=False))
+    else:
+        _print_table(result)
+
+
+def data_source(
+    run_data: dict,
+    source: str | None,
+    path: str | None,
+    name: str | None,
+    config_name: str | None,
+    text_column: str | None,
+) -> dict:
+    """The data to evaluate on: the run's data section with the command line's overrides (see the module doc)."""
+    keys = ("source", "path", "name", "config_name", "text_column")
+    data = {"source": "embedded", "path": None, "name": None, "config_name": None, "text_column": "text"}
+    data |= {k: run_data[k] for k in keys if run_data.get(k) is not None}
+    data["validation_fraction"] = run_data.get("validation_fraction", 0.05)
+    if source or path or name:
+        inferred = "files" if path else "hub" if name else None
+        data |= {"source": source or inferred, "path": path, "name": name, "config_name": None, "text_column": "text"}
+    if config_name:
+        data["config_name"] = config_name
+    if text_column:
+        data["text_column"] = text_column
+    return data
+
+
+def _run(loaded, tokenizer, documents, split, batch_size, run_config, seed, progress) -> dict:
+    from perceiver_cli.evaluation import clm_token_stream, evaluate_clm, evaluate_mlm
+
+    if loaded.task == "clm":
+        stream, num_bytes = clm_token_stream(tokenizer, documents["text"])
+        pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        return evaluate_clm(loaded.model, stream, num_bytes, batch_size, pad_token_id, progress)
+
+    from datasets import DatasetDict
+
+    from perceiver_cli.data.pipeline import tokenize_and_chunk
+
+    data = run_config.get("data") or {}
+    chunks = tokenize_and_chunk(
+        DatasetDict({split: documents}), tokenizer, task="mlm", max_seq_len=loaded.model.max_seq_len
+    )[split]
+    return evaluate_mlm(
+        loaded.model,
+        tokenizer,
+        chunks,
+        batch_size,
+        mask_prob=data.get("mask_prob", 0.15),
+        whole_word_masking=data.get("whole_word_masking", True),
+        seed=seed,
+        progress=progress,
+    )
+
+
+@contextmanager
+def _progress_bar():
+    """A rich progress bar on stderr while evaluating, when stderr is a terminal; yields a (done, total) callback."""
+    if not sys.stderr.isatty():
+        yield None
+        return
+    from rich.console import Console
+    from rich.progress import Progress
+
+    with Progress(console=Console(stderr=True), transient=True) as bar:
+        task = bar.add_task("evaluating", total=None)
+        yield lambda done, total: bar.update(task, completed=done, total=total)
+
+
+def _print_table(result: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+    from rich.text import Text
+
+    table = Table("metric", "value", box=None, pad_edge=False, title=f"{result['model']} ({result['split']})")
+    for key, value in result.items():
+        if key in ("model", "split"):
+            continue
+        if isinstance(value, float):
+            shown = f"{value:.4f}"
+        elif isinstance(value, dict):
+            shown = ", ".join(f"{k}={v}" for k, v in value.items())
+        else:
+            shown = f"{value:,}" if isinstance(value, int) else str(value)
+        table.add_row(key.replace("_", " "), Text(shown))
+    Console(soft_wrap=True).print(table)

@@ -1,0 +1,169 @@
+"""Evaluation of a trained model on a text split: loss, perplexity and bits per byte for a causal LM, masked-token
+loss and accuracy for a masked LM.
+
+Causal LM. The documents are tokenized as for training (each followed by the end-of-text token) and joined into
+one stream that starts with an end-of-text token, as if a previous document had just ended: so every token of every
+document, and every end-of-text token, is predicted, and none is predicted from nothing. The stream is scored with a
+strided sliding window (as in Hugging Face's perplexity guide): windows of up to `max_seq_len` tokens, each
+`max_latents` tokens further than the last, each scoring only the tokens the previous window did not score, all of
+them at latent positions (Perceiver AR predicts from latents only). Every token is scored exactly once, with a
+context of `max_seq_len - max_latents + 1` to `max_seq_len` tokens once the stream is that long.
+
+Bits per byte = total negative log-likelihood / ln 2 / bytes, where bytes are the UTF-8 bytes of the documents plus
+one per end-of-text token (the separator, like the newline between documents in a text file). It does not depend on
+the tokenizer, so models with different tokenizers compare; with the "utf8" tokenizer a token is a byte, and bits
+per byte is the loss / ln 2.
+
+Masked LM. Chunks as in training, masked as in training's validation: static masks drawn from the seed and each
+chunk's index, so a run's evaluation repeats exactly. Loss and accuracy are over the selected tokens (BERT's 80/10/10
+rule: most became [MASK], some a random token, some stayed). Perplexity is not reported: a masked LM defines no
+probability of a text.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from perceiver_cli.data.masking import IGNORE_INDEX
+from perceiver_cli.errors import UserError
+
+Progress = Callable[[int, int], None]  # (batches done, batches in all)
+
+# ---------------------------------------------------------------------------------------------------------------
+# Causal LM
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def clm_token_stream(tokenizer, texts: list[str]) -> tuple[list[int], int]:
+    """(token ids of `[EOS] doc1 [EOS] doc2 [EOS] ...`, UTF-8 bytes of the scored text). Empty documents are left
+    out, as in training."""
+    from perceiver_cli.data.pipeline import _Tokenize
+
+    tokenize = _Tokenize(tokenizer)  # the training pipeline's tokenization, separator included
+    if tokenize.separator is None:
+        raise UserError("this tokenizer has no end-of-text or separator token, which evaluation needs between texts")
+    texts = [text for text in texts if text and not text.isspace()]
+    stream = [tokenize.separator]
+    for start in range(0, len(texts), 1000):
+        for ids in tokenize({"text": texts[start : start + 1000]})["input_ids"]:
+            stream.extend(ids)
+    num_bytes = sum(len(text.encode("utf-8")) + 1 for text in texts)  # + 1: the separator after each document
+    return stream, num_bytes
+
+
+def clm_windows(num_tokens: int, max_seq_len: int, max_latents: int) -> list[tuple[int, int, int]]:
+    """Windows (lo, hi, k) over a stream of `num_tokens` tokens: the inputs are tokens lo .. hi-1, the targets
+    tokens lo+1 .. hi, and the last k targets are scored. Together they score tokens 1 .. num_tokens-1 once each."""
+    windows = []
+    scored_until = 0  # the last token scored so far
+    while scored_until < num_tokens - 1:
+        hi = min(scored_until + max_latents, num_tokens - 1)
+        windows.append((max(0, hi - max_seq_len), hi, hi - scored_until))
+        scored_until = hi
+    return windows
+
+
+def evaluate_clm(
+    model, stream: list[int], num_bytes: int, batch_size: int, pad_token_id: int = 0, progress: Progress | None = None
+) -> dict:
+    """Loss (nats per token), perplexity and bits per byte of `stream` (see `clm_token_stream`)."""
+    if len(stream) < 2:
+        raise UserError("there is no text to evaluate: the split has no non-empty document")
+    device = next(model.parameters()).device
+    tokens = torch.tensor(stream, dtype=torch.long)
+    windows = clm_windows(len(stream), model.max_seq_len, model.max_latents)
+    batches = [windows[i : i + batch_size] for i in range(0, len(windows), batch_size)]
+    total_nll, num_scored = 0.0, 0
+    model.eval()
+    for done, batch in enumerate(batches, start=1):
+        # Left-pad the windows of a batch to the same length n; the latents are the last positions.
+        n = max(hi - lo for lo, hi, _ in batch)
+        x = torch.full((len(batch), n), pad_token_id, dtype=torch.long)
+        labels = torch.full((len(batch), n), IGNORE_INDEX, dtype=torch.long)
+        pad_mask = torch.ones((len(batch), n), dtype=torch.bool)
+        for row, (lo, hi, k) in enumerate(batch):
+            x[row, n - (hi - lo) :] = tokens[lo:hi]
+            labels[row, n - k :] = tokens[hi - k + 1 : hi + 1]  # only the tokens no earlier window scored
+            pad_mask[row, n - (hi - lo) :] = False
+        prefix_len = max(0, n - model.max_latents)
+        with torch.inference_mode():
+            logits = model(x.to(device), prefix_len, pad_mask=pad_mask.to(device) if pad_mask.any() else None)
+        nll = F.cross_entropy(
+            logits.float().flatten(0, 1), labels[:, prefix_len:].flatten().to(device), reduction="sum"
+        )
+        total_nll += nll.item()
+        num_scored += sum(k for _, _, k in batch)
+        if progress is not None:
+            progress(done, len(batches))
+    loss = total_nll / num_scored
+    return {
+        "loss": loss,
+        "perplexity": math.exp(loss),
+        "bits_per_byte": total_nll / math.log(2) / num_bytes,
+        "tokens": num_scored,
+        "bytes": num_bytes,
+        "window": model.max_seq_len,
+        "stride": model.max_latents,
+    }
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Masked LM
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def evaluate_mlm(
+    model,
+    tokenizer,
+    chunks,
+    batch_size: int,
+    mask_prob: float = 0.15,
+    whole_word_masking: bool = True,
+    seed: int = 0,
+    progress: Progress | None = None,
+) -> dict:
+    """Masked-token loss and accuracy over `chunks` (one split of `tokenize_and_chunk(task="mlm")`)."""
+    from perceiver_cli.data.collators import MLMCollator
+
+    if chunks.num_rows == 0:
+        raise UserError("there is no text to evaluate: the split has no non-empty document")
+    collate = MLMCollator(tokenizer, mask_prob, whole_word_masking, static_masking=True, seed=seed)
+    rows = chunks.with_format("numpy")
+    device = next(model.parameters()).device
+    starts = range(0, rows.num_rows, batch_size)
+    total_nll, num_correct, num_masked = 0.0, 0, 0
+    model.eval()
+    for done, start in enumerate(starts, start=1):
+        stop = min(start + batch_size, rows.num_rows)
+        ids = rows[start:stop]["input_ids"]
+        batch = collate([{"input_ids": row, "index": i} for i, row in zip(range(start, stop), ids)])
+        labels = batch["labels"]  # (B, M), IGNORE_INDEX where nothing was selected
+        selected = labels != IGNORE_INDEX
+        # Decode the selected positions only: per row, selected positions first; the tail of rows with fewer
+        # selections points at unselected positions, whose label IGNORE_INDEX leaves them out below.
+        num_selected = int(selected.sum(dim=1).max())
+        positions = torch.argsort((~selected).to(torch.uint8), dim=1, stable=True)[:, :num_selected]  # (B, S)
+        pad_mask = batch["pad_mask"]
+        with torch.inference_mode():
+            logits = model(
+                batch["input_ids"].to(device),
+                pad_mask.to(device) if pad_mask.any() else None,
+                output_positions=positions.to(device),
+            )  # (B, S, V)
+        targets = labels.gather(1, positions).to(device)  # (B, S)
+        keep = targets != IGNORE_INDEX
+        total_nll += F.cross_entropy(logits[keep].float(), targets[keep], reduction="sum").item()
+        num_correct += int((logits[keep].argmax(dim=-1) == targets[keep]).sum())
+        num_masked += int(keep.sum())
+        if progress is not None:
+            progress(done, len(starts))
+    return {
+        "loss": total_nll / num_masked,
+        "accuracy": num_correct / num_masked,
+        "masked_tokens": num_masked,
+        "sequences": rows.num_rows,
+    }

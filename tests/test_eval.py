@@ -1,0 +1,182 @@
+"""`perceiver eval`: every token scored once by the strided window, bits per byte consistent with the loss and the
+byte count, masked-LM metrics, the run's data by default, and clear errors."""
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from perceiver_cli import cli
+from perceiver_cli.checkpoints import write_checkpoint
+from perceiver_cli.data.tokenizer import load_tokenizer
+from perceiver_cli.evaluation import clm_token_stream, clm_windows, evaluate_clm
+from perceiver_cli.models.clm import CausalLanguageModel
+from perceiver_cli.models.mlm import MaskedLanguageModel
+from tiny_models import tiny_clm_config, tiny_mlm_config
+
+
+@pytest.mark.parametrize("num_tokens", [2, 5, 12, 13, 48, 49, 50, 200])
+def test_windows_score_every_token_once_with_as_much_context_as_fits(num_tokens):
+    max_seq_len, max_latents = 48, 12
+    scored = []
+    for lo, hi, k in clm_windows(num_tokens, max_seq_len, max_latents):
+        assert lo == max(0, hi - max_seq_len)  # the window reaches back as far as the model reads
+        assert 1 <= k <= min(max_latents, hi - lo)  # scored tokens sit at latent positions
+        scored += range(hi - k + 1, hi + 1)
+    assert scored == list(range(1, num_tokens))
+
+
+def test_token_stream_starts_with_a_separator_and_counts_bytes():
+    tokenizer = load_tokenizer("utf8")
+    stream, num_bytes = clm_token_stream(tokenizer, ["héllo", "", "  ", "wörld"])
+    # Empty documents are dropped as in training; each document is followed by EOS (2).
+    assert stream == [2, *(b + 6 for b in "héllo".encode()), 2, *(b + 6 for b in "wörld".encode()), 2]
+    assert num_bytes == len("héllo".encode()) + 1 + len("wörld".encode()) + 1 == len(stream) - 1
+
+
+def clm() -> CausalLanguageModel:
+    torch.manual_seed(0)
+    return CausalLanguageModel(tiny_clm_config(cross_attention_dropout=0.0, init_scale=0.2)).eval()
+
+
+def test_bits_per_byte_is_consistent_with_loss_and_bytes():
+    tokenizer = load_tokenizer("utf8")
+    stream, num_bytes = clm_token_stream(tokenizer, ["Perceiver AR reads long contexts.", "Ünïcödé text, too."] * 3)
+    result = evaluate_clm(clm(), stream, num_bytes, batch_size=4)
+    assert result["tokens"] == len(stream) - 1 == result["bytes"]  # utf8: one token per byte (EOS counts one)
+    total_nll = result["loss"] * result["tokens"]
+    assert result["bits_per_byte"] == pytest.approx(total_nll / math.log(2) / result["bytes"], rel=1e-12)
+    assert result["bits_per_byte"] == pytest.approx(result["loss"] / math.log(2), rel=1e-12)
+    assert result["perplexity"] == pytest.approx(math.exp(result["loss"]))
+
+
+def test_batching_windows_of_different_lengths_changes_nothing():
+    # The first windows are shorter than max_seq_len; in a batch they are left-padded.
+    tokenizer = load_tokenizer("utf8")
+    stream, num_bytes = clm_token_stream(tokenizer, ["a few words of text, " * 8])
+    model = clm()
+    one = evaluate_clm(model, stream, num_bytes, batch_size=1)
+    many = evaluate_clm(model, stream, num_bytes, batch_size=5)
+    assert one["loss"] == pytest.approx(many["loss"], abs=1e-5)
+
+
+def test_loss_of_the_first_window_is_the_models_loss_on_it():
+    tokenizer = load_tokenizer("utf8")
+    stream, num_bytes = clm_token_stream(tokenizer, ["short text"])  # 12 tokens: one window, 11 targets
+    model = clm()
+    x, y = torch.tensor([stream[:-1]]), torch.tensor(stream[1:])
+    expected = torch.nn.functional.cross_entropy(model(x, 0)[0], y).item()
+    assert evaluate_clm(model, stream, num_bytes, batch_size=1)["loss"] == pytest.approx(expected, abs=1e-5)
+
+
+# --- the command ---------------------------------------------------------------------------------------------------
+
+
+def write_run(root: Path, name: str, task: str, model, config, run_config: dict) -> None:
+    run = root / "runs" / name / "version_0"
+    write_checkpoint(run / "checkpoints" / "last.ckpt", task, model, config, run_config=run_config)
+    (run / "config.toml").write_text(f'[model]\ntask = "{task}"\n', encoding="utf-8")
+
+
+@pytest.fixture
+def runs(tmp_path, monkeypatch):
+    """A clm run trained (in its preset) on corpus.txt, an mlm run on the embedded corpus, and other.txt."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("PERCEIVER_DEBUG", "0")
+    words = "the cat sat on a mat while dogs ran round the garden and birds sang über café".split()
+    generator = torch.Generator().manual_seed(0)
+    for name in ("corpus.txt", "other.txt"):
+        paragraphs = [
+            " ".join(words[int(i)] for i in torch.randint(len(words), (int(n),), generator=generator))
+            for n in torch.randint(5, 30, (30,), generator=generator)
+        ]
+        Path(name).write_text("\n\n".join(paragraphs) + "\n", encoding="utf-8")
+    model = clm()
+    clm_run = {"model": {"task": "clm"}, "data": {"source": "files", "path": "corpus.txt", "batch_size": 4}}
+    write_run(tmp_path, "clm-tiny", "clm", model, model.config, clm_run)
+    torch.manual_seed(0)
+    mlm_config = tiny_mlm_config()
+    write_run(tmp_path, "mlm-tiny", "mlm", MaskedLanguageModel(mlm_config), mlm_config, {"model": {"task": "mlm"}})
+    return tmp_path
+
+
+def run_cli(capsys, *args: str) -> tuple[int, str, str]:
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(list(args))
+    out, err = capsys.readouterr()
+    return exit_.value.code, out, err
+
+
+CLM = "runs/clm-tiny/version_0"
+MLM = "runs/mlm-tiny/version_0"
+
+
+def test_clm_eval_uses_the_runs_data_and_reports_json(runs, capsys):
+    status, out, _ = run_cli(capsys, "eval", "--model", CLM, "--json")
+    assert status == 0
+    result = json.loads(out)
+    assert set(result) == {
+        "task", "model", "split", "data", "documents", "loss", "perplexity", "bits_per_byte", "tokens", "bytes",
+        "window", "stride",
+    }  # fmt: skip
+    assert result["data"] == {"source": "files", "path": "corpus.txt", "text_column": "text"}
+    assert result["split"] == "validation" and result["tokens"] == result["bytes"]
+    assert result["bits_per_byte"] == pytest.approx(result["loss"] / math.log(2))
+    assert (result["window"], result["stride"]) == (48, 12)
+
+
+def test_data_options_override_the_runs_data(runs, capsys):
+    _, out, _ = run_cli(capsys, "eval", "--model", CLM, "--json", "--path", "other.txt", "--split", "train")
+    result = json.loads(out)
+    assert result["data"]["path"] == "other.txt" and result["split"] == "train"
+    _, limited, _ = run_cli(capsys, "eval", "--model", CLM, "--json", "--path", "other.txt", "--limit", "2")
+    assert json.loads(limited)["documents"] <= 2
+
+
+def test_mlm_eval_reports_masked_loss_and_accuracy_but_no_perplexity(runs, capsys):
+    args = ["eval", "--model", MLM, "--json", "--path", "corpus.txt", "--split", "train", "--limit", "10"]
+    status, out, _ = run_cli(capsys, *args)
+    assert status == 0
+    result = json.loads(out)
+    assert {"loss", "accuracy", "masked_tokens", "sequences"} <= set(result)
+    assert "perplexity" not in result and "bits_per_byte" not in result
+    assert 0 <= result["accuracy"] <= 1 and result["masked_tokens"] > 0
+    _, again, _ = run_cli(capsys, *args)
+    assert json.loads(again)["loss"] == result["loss"]  # static masks: the same every time
+
+
+def test_table_by_default(runs, capsys):
+    status, out, err = run_cli(capsys, "eval", "--limit", "3", "--path", "corpus.txt", "--split", "train")
+    assert status == 0
+    assert "using runs/" in err and "(most recent run)" in err
+    assert "loss" in out and "documents" in out
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["eval", "--split", "test"], "unknown split 'test'"),
+        (["eval", "--limit", "0"], "--limit must be at least 1"),
+        (["eval", "--batch-size", "0"], "--batch-size must be at least 1"),
+        (["eval", "--model", CLM, "--source", "nowhere"], "unknown data source 'nowhere'"),
+        (["eval", "--model", CLM, "--path", "missing.txt"], "does not exist"),
+        (["eval", "--model", CLM, "--source", "files"], "needs a path"),
+        (["eval", "--model", "missing"], "model not found"),
+        (["eval", "--model", CLM, "--device", "nonsense"], "device"),
+    ],
+)
+def test_bad_input_is_one_error_line_and_exit_2(runs, capsys, args, message):
+    status, _, err = run_cli(capsys, *args)
+    assert status == 2
+    [error] = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert message in error
+    assert "Traceback" not in err
+
+
+def test_no_run_says_how_to_train_one(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    status, _, err = run_cli(capsys, "eval")
+    assert status == 2
+    assert "perceiver train --preset clm-small" in err and "perceiver train --preset mlm-small" in err

@@ -1,0 +1,382 @@
+"""Generation with Perceiver AR: the key/value cache against full forward passes, sampling, stop strings, streaming
+UTF-8 decoding, and the `perceiver generate` command."""
+
+import io
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from perceiver_cli import cli
+from perceiver_cli.checkpoints import write_checkpoint
+from perceiver_cli.data.tokenizer import load_tokenizer
+from perceiver_cli.generation import (
+    GenerationSettings,
+    PerceiverARDecoder,
+    SequenceText,
+    generate,
+    generate_tokens,
+    initial_num_latents,
+    process_logits,
+)
+from perceiver_cli.models.clm import CausalLanguageModel
+from perceiver_cli.models.mlm import MaskedLanguageModel
+from tiny_models import tiny_clm_config, tiny_mlm_config
+
+
+def clm(**overrides) -> CausalLanguageModel:
+    """A tiny random causal LM; init_scale 0.2 spreads its logits, so that greedy choices are clear-cut."""
+    torch.manual_seed(0)
+    values = dict(cross_attention_dropout=0.0, init_scale=0.2) | overrides
+    return CausalLanguageModel(tiny_clm_config(**values)).eval()
+
+
+def prompt_of(n: int) -> list[int]:
+    return torch.randint(6, 262, (n,), generator=torch.Generator().manual_seed(n)).tolist()
+
+
+def greedy(max_new_tokens: int, num_latents: int | None = None, use_cache: bool = True) -> GenerationSettings:
+    return GenerationSettings(
+        max_new_tokens=max_new_tokens, do_sample=False, num_latents=num_latents, use_cache=use_cache, stop_at_eos=False
+    )
+
+
+# --- the key/value cache -------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "prompt_len, num_latents",
+    [(1, None), (1, 8), (5, 8), (8, 8), (8, None), (20, 8), (20, 1)],
+    ids=["one-token", "one-token-8", "shorter", "equal", "equal-default", "longer", "prefix-one-latent"],
+)
+def test_greedy_with_and_without_cache_agree_while_latents_grow(prompt_len, num_latents):
+    # max_latents 24 > num_latents + max_new_tokens: every step adds a latent, the phase where the cache is exact.
+    model = clm(max_latents=24)
+    prompt = torch.tensor(prompt_of(prompt_len))
+    latents = min(prompt_len, num_latents or 24)
+    cached = PerceiverARDecoder(model, prompt, latents, batch_size=1, use_cache=True)
+    full = PerceiverARDecoder(model, prompt, latents, batch_size=1, use_cache=False)
+    a, b = cached.start(), full.start()
+    tokens = []
+    for _ in range(12):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+        token = b.argmax(dim=-1)
+        assert torch.equal(a.argmax(dim=-1), token)
+        tokens.append(token.item())
+        a, b = cached.step(token), full.step(token)
+    assert cached.prefix_len == full.prefix_len == prompt_len - latents  # the prefix never moved
+
+    settings = greedy(13, num_latents)
+    with_cache = torch.stack(list(generate_tokens(model, prompt.tolist(), settings)))[:, 0].tolist()
+    settings.use_cache = False
+    without_cache = torch.stack(list(generate_tokens(model, prompt.tolist(), settings)))[:, 0].tolist()
+    assert with_cache == without_cache == tokens + [a.argmax().item()]
+
+
+def test_cached_cross_attention_stays_exact_when_latents_join_the_prefix_and_the_window_slides():
+    # Without absolute position embeddings, everything the cross-attention caches depends only on tokens and
+    # (rotary) positions, which the cache updates exactly: it must equal a fresh pass over the current window.
+    model = clm(abs_pos_emb=False)
+    decoder = PerceiverARDecoder(model, torch.tensor(prompt_of(20)), 5, batch_size=1, use_cache=True)
+    logits = decoder.start()
+    phases = set()
+    for _ in range(60):
+        before = decoder.prefix_len
+        logits = decoder.step(logits.argmax(dim=-1))
+        phases.add("prefix" if decoder.prefix_len > before else "slide" if len(decoder.cache) == 48 else "latent")
+        fresh = model.empty_cache()
+        with torch.inference_mode():
+            model(decoder.tokens, decoder.prefix_len, cache=fresh)
+        torch.testing.assert_close(decoder.cache.cross_attention.k, fresh.cross_attention.k, rtol=0, atol=1e-5)
+        torch.testing.assert_close(decoder.cache.cross_attention.v, fresh.cross_attention.v, rtol=0, atol=1e-5)
+    assert phases == {"latent", "prefix", "slide"}
+
+
+@pytest.mark.parametrize("max_latents", [12, 48])  # 48: no prefix at all, the window of latents slides
+def test_cache_stays_bounded_and_generation_runs_past_max_seq_len(max_latents):
+    model = clm(max_latents=max_latents)  # max_seq_len 48
+    num_latents = initial_num_latents(10, 48, max_latents, 4)  # 4, or all 10 when there is no prefix
+    decoder = PerceiverARDecoder(model, torch.tensor(prompt_of(10)), num_latents, batch_size=2, use_cache=True)
+    logits = decoder.start()
+    for _ in range(100):
+        logits = decoder.step(logits.argmax(dim=-1))
+        assert len(decoder.cache) == decoder.tokens.shape[1] <= 48
+        num_latents = decoder.tokens.shape[1] - decoder.prefix_len
+        assert all(len(kv) == num_latents <= max_latents for kv in decoder.cache.self_attention)
+    assert decoder.tokens.shape == (2, 48) and decoder.prefix_len == 48 - max_latents
+    assert torch.isfinite(logits).all()
+
+
+def test_prompt_longer_than_max_seq_len_keeps_its_end():
+    model = clm()
+    prompt = prompt_of(60)
+    settings = greedy(3)
+    assert list(generate_tokens(model, prompt, settings)) == list(generate_tokens(model, prompt[-48:], settings))
+
+
+# --- sampling --------------------------------------------------------------------------------------------------------
+
+
+def sample(model, seed: int, num_return_sequences: int = 1) -> list[list[int]]:
+    settings = GenerationSettings(max_new_tokens=20, seed=seed, num_return_sequences=num_return_sequences)
+    return torch.stack(list(generate_tokens(model, prompt_of(5), settings)), dim=1).tolist()
+
+
+def test_sampling_with_a_seed_is_reproducible_and_seeds_differ():
+    model = clm()
+    assert sample(model, seed=1) == sample(model, seed=1)
+    assert sample(model, seed=1) != sample(model, seed=2)
+
+
+def test_several_sequences_are_sampled_in_one_batch():
+    sequences = sample(clm(), seed=1, num_return_sequences=3)
+    assert len(sequences) == 3 and all(len(s) == 20 for s in sequences)
+    assert len({tuple(s) for s in sequences}) == 3
+
+
+def test_logits_processing_matches_hugging_face():
+    from transformers.generation.logits_process import (
+        RepetitionPenaltyLogitsProcessor,
+        TemperatureLogitsWarper,
+        TopKLogitsWarper,
+        TopPLogitsWarper,
+    )
+
+    torch.manual_seed(0)
+    logits = torch.randn(3, 50) * 3
+    history = torch.randint(0, 50, (3, 7))
+    seen = torch.zeros(3, 50, dtype=torch.bool).scatter(1, history, True)
+    settings = GenerationSettings(temperature=0.7, top_k=20, top_p=0.8, repetition_penalty=1.3)
+    expected = RepetitionPenaltyLogitsProcessor(1.3)(history, logits.clone())
+    for warper in (TemperatureLogitsWarper(0.7), TopKLogitsWarper(20), TopPLogitsWarper(0.8)):
+        expected = warper(history, expected)
+    torch.testing.assert_close(process_logits(logits, seen, settings), expected)
+
+
+def test_greedy_applies_only_the_repetition_penalty():
+    logits = torch.tensor([[2.0, 1.9, -1.0]])
+    seen = torch.tensor([[True, False, False]])
+    settings = GenerationSettings(do_sample=False, temperature=0.1, top_k=1, repetition_penalty=2.0)
+    torch.testing.assert_close(process_logits(logits, seen, settings), torch.tensor([[1.0, 1.9, -1.0]]))
+
+
+# --- text: stop strings, end of text, streaming UTF-8 ---------------------------------------------------------------
+
+
+def byte_ids(data: bytes) -> list[int]:
+    return [b + 6 for b in data]  # the utf8 tokenizer: byte b has id b + 6
+
+
+def stream(tokens: list[int], stop: tuple[str, ...] = (), eos: int | None = 2) -> tuple[list[str], SequenceText]:
+    """Feed tokens one by one; return the released pieces (the last from finish()) and the sequence."""
+    text = SequenceText(load_tokenizer("utf8"), stop, eos)
+    pieces = [text.add(token) for token in tokens]
+    pieces.append(text.finish())
+    return pieces, text
+
+
+def test_stop_string_ends_the_text_before_it_and_is_never_released():
+    pieces, text = stream(byte_ids(b"one two, three"), stop=(", ", "xyz"))
+    assert text.text == "one two" and text.finish_reason == "stop"
+    assert "".join(pieces) == "one two"
+    assert text.num_tokens == len("one two, ")  # tokens after the stop string are not taken
+
+
+def test_text_that_only_looks_like_a_stop_string_is_released():
+    pieces, text = stream(byte_ids(b"a, b"), stop=(", c",))
+    assert pieces[:2] == ["a", ""]  # ", " might begin the stop string: held back ...
+    assert "".join(pieces) == "a, b" and text.finish_reason == "length"  # ... until it does not
+
+
+def test_end_of_text_token_ends_the_sequence():
+    pieces, text = stream(byte_ids(b"hi") + [2] + byte_ids(b"more"))
+    assert text.text == "hi" and text.finish_reason == "eos" and text.num_tokens == 3
+
+
+def test_utf8_decoding_of_split_characters_invalid_bytes_and_special_tokens():
+    data = "é€😀".encode()
+    pieces, text = stream(byte_ids(data))
+    # Nothing is released until a character is complete.
+    assert pieces[:-1] == ["", "é", "", "", "€", "", "", "", "😀"]
+    invalid = byte_ids(b"a\xffb\xc3(") + [4, 5] + byte_ids(b"\xe2\x82")  # 0xff invalid; 0xc3 then '(' invalid
+    _, text = stream(invalid)
+    assert text.text == "a\ufffdb\ufffd(\ufffd"  # special tokens 4, 5 give no text; a cut character ends as U+FFFD
+
+
+def test_other_tokenizers_release_the_new_end_of_the_decoded_text():
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(["hello world, héllo wörld"] * 4, vocab_size=280, show_progress=False)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer)
+    ids = tokenizer("héllo € world", add_special_tokens=False)["input_ids"]  # "€" is three byte tokens
+    text = SequenceText(tokenizer)
+    pieces = [text.add(i) for i in ids] + [text.finish()]
+    assert "".join(pieces) == "héllo € world"
+    assert all("\ufffd" not in piece for piece in pieces)  # the partial "€" was held back, not shown broken
+
+
+@pytest.mark.parametrize(
+    "prompt_len, requested, expected",
+    [(5, None, 5), (30, None, 12), (30, 4, 4), (3, 8, 3), (48, 4, 12), (100, 4, 12), (40, 1, 4)],
+)
+def test_initial_latents_fit_the_prompt_and_the_prefix(prompt_len, requested, expected):
+    # max_seq_len 48, max_latents 12: the prefix holds at most 36 tokens.
+    assert initial_num_latents(prompt_len, 48, 12, requested) == expected
+
+
+# --- generate(): everything together -------------------------------------------------------------------------------
+
+
+def test_streamed_pieces_add_up_to_the_returned_text():
+    pieces = []
+    settings = GenerationSettings(max_new_tokens=30, seed=3, stop=("zz",), stop_at_eos=False)
+    [result] = generate(clm(), load_tokenizer("utf8"), prompt_of(5), settings, on_text=lambda i, t: pieces.append(t))
+    assert "".join(pieces) == result.text
+    assert result.num_tokens <= 30 and result.finish_reason in ("length", "stop")
+
+
+# --- the command ---------------------------------------------------------------------------------------------------
+
+
+def write_run(root: Path, name: str, task: str, model, config) -> Path:
+    """A run directory as `perceiver train` writes it: runs/NAME/VERSION/{config.toml, checkpoints/last.ckpt}."""
+    run = root / "runs" / name / "version_0"
+    write_checkpoint(run / "checkpoints" / "last.ckpt", task, model, config, run_config={"model": {"task": task}})
+    (run / "config.toml").write_text(f'[model]\ntask = "{task}"\n', encoding="utf-8")
+    return run
+
+
+@pytest.fixture
+def runs(tmp_path, monkeypatch):
+    """A working directory with a clm run and an mlm run."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("PERCEIVER_DEBUG", "0")
+    model = clm()
+    write_run(tmp_path, "clm-tiny", "clm", model, model.config)
+    torch.manual_seed(0)
+    mlm_config = tiny_mlm_config()
+    write_run(tmp_path, "mlm-tiny", "mlm", MaskedLanguageModel(mlm_config), mlm_config)
+    return tmp_path
+
+
+def run_cli(capsys, *args: str, stdin: bytes | None = None, monkeypatch=None) -> tuple[int, str, str]:
+    """Run `perceiver ARGS` in-process through its entry point: (exit status, stdout, stderr)."""
+    if stdin is not None:
+        monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(stdin)))
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(list(args))
+    out, err = capsys.readouterr()
+    return exit_.value.code, out, err
+
+
+def test_generate_streams_text_and_reports_timing_on_stderr(runs, capsys):
+    status, out, err = run_cli(capsys, "generate", "Hello", "--max-new-tokens", "16", "--seed", "1")
+    assert status == 0
+    assert "using runs/clm-tiny/version_0 (most recent clm run)" in err
+    assert "5 prompt tokens" in err and "tokens/s" in err
+    status, again, _ = run_cli(capsys, "generate", "Hello", "--max-new-tokens", "16", "--seed", "1")
+    assert again == out  # same seed, same text
+
+
+def test_generate_json_has_one_object_per_sequence(runs, capsys):
+    status, out, _ = run_cli(
+        capsys, "generate", "Hello", "--json", "--num-return-sequences", "2", "--max-new-tokens", "8", "--seed", "0"
+    )
+    assert status == 0
+    records = [json.loads(line) for line in out.splitlines()]
+    assert len(records) == 2
+    keys = {"prompt", "text", "prompt_tokens", "generated_tokens", "finish_reason", "seconds", "tokens_per_second"}
+    for record in records:
+        assert set(record) == keys
+        assert record["prompt"] == "Hello" and record["prompt_tokens"] == 5
+        assert 1 <= record["generated_tokens"] <= 8
+
+
+def test_generate_greedy_without_cache_prints_the_same(runs, capsys):
+    args = ["generate", "Hi", "--greedy", "--max-new-tokens", "10", "--json"]
+    _, cached, _ = run_cli(capsys, *args)
+    _, full, _ = run_cli(capsys, *args, "--no-cache")
+    assert json.loads(cached)["text"] == json.loads(full)["text"]
+
+
+def test_generate_reads_the_prompt_from_a_file_or_stdin(runs, capsys, monkeypatch):
+    Path("prompt.txt").write_text("Hello\n", encoding="utf-8")
+    args = ["--json", "--greedy", "--max-new-tokens", "4"]
+    _, from_argument, _ = run_cli(capsys, "generate", "Hello", *args)
+    _, from_file, _ = run_cli(capsys, "generate", "--file", "prompt.txt", *args)
+    _, from_stdin, _ = run_cli(capsys, "generate", *args, stdin=b"Hello\n", monkeypatch=monkeypatch)
+    texts = {json.loads(output)["text"] for output in (from_argument, from_file, from_stdin)}
+    prompts = {json.loads(output)["prompt"] for output in (from_argument, from_file, from_stdin)}
+    assert len(texts) == 1 and prompts == {"Hello"}  # the trailing newline of the file and of stdin is dropped
+
+
+def test_generate_warns_about_a_prompt_longer_than_max_seq_len(runs, capsys):
+    status, _, err = run_cli(capsys, "generate", "x" * 60, "--max-new-tokens", "2")
+    assert status == 0
+    assert "warning: the prompt has 60 tokens, more than the model's max_seq_len (48): using its last 48" in err
+
+
+def test_generate_several_sequences_are_printed_one_after_another(runs, capsys):
+    status, out, _ = run_cli(capsys, "generate", "Hi", "--num-return-sequences", "2", "--max-new-tokens", "4")
+    assert status == 0
+    assert "--- sequence 1/2 ---" in out and "--- sequence 2/2 ---" in out
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["generate", ""], "the prompt is empty"),
+        (["generate", "x", "--top-p", "1.5"], "top-p must be greater than 0 and at most 1"),
+        (["generate", "x", "--top-p", "0"], "top-p"),
+        (["generate", "x", "--temperature", "-1"], "temperature must be greater than 0"),
+        (["generate", "x", "--top-k", "-1"], "top-k"),
+        (["generate", "x", "--repetition-penalty", "0"], "repetition-penalty"),
+        (["generate", "x", "--max-new-tokens", "0"], "max-new-tokens"),
+        (["generate", "x", "--num-return-sequences", "0"], "num-return-sequences"),
+        (["generate", "x", "--greedy", "--num-return-sequences", "2"], "greedy decoding"),
+        (["generate", "x", "--stop", ""], "stop strings must not be empty"),
+        (["generate", "x", "--num-latents", "0"], "num-latents must be at least 1"),
+        (["generate", "x", "--num-latents", "13"], "at most the model's max_latents (12)"),
+        (["generate", "--file", "missing.txt"], "prompt file not found"),
+        (["generate", "x", "--file", "prompt.txt"], "not both"),
+        (["generate", "--file", "latin1.txt"], "not UTF-8"),
+        (["generate", "-"], "the prompt is empty"),  # stdin holds only a newline
+        (["generate", "x", "--model", "runs/mlm-tiny/version_0"], "but this command needs a causal language model"),
+        (["generate", "x", "--model", "nowhere"], "model not found"),
+        (["generate", "x", "--device", "tpu"], "device"),
+        (["generate", "x", "--model", "empty-runs"], "holds no checkpoint"),
+    ],
+)
+def test_generate_bad_input_is_one_error_line_and_exit_2(runs, capsys, monkeypatch, args, message):
+    Path("prompt.txt").write_text("x", encoding="utf-8")
+    Path("latin1.txt").write_bytes("café".encode("latin-1"))
+    Path("empty-runs").mkdir()
+    status, _, err = run_cli(capsys, *args, stdin=b"\n", monkeypatch=monkeypatch)
+    assert status == 2
+    [error] = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert message in error
+    assert "Traceback" not in err
+
+
+def test_generate_without_any_run_says_how_to_train_one(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    status, _, err = run_cli(capsys, "generate", "x")
+    assert status == 2
+    assert "no trained causal language model" in err and "perceiver train --preset clm-small" in err
+
+
+def test_generate_bad_input_in_a_real_process(runs):
+    result = subprocess.run(
+        [sys.executable, "-m", "perceiver_cli", "generate", "x", "--top-p", "1.5"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 2
+    assert result.stderr == "error: top-p must be greater than 0 and at most 1, got 1.5\n"
