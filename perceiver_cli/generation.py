@@ -5,21 +5,14 @@ and incremental decoding of generated tokens into text.
 
 The generation protocol. The model sees a window of at most `max_seq_len` tokens; its last tokens are the latents
 (the positions it predicts from), the earlier ones the prefix. The prompt's last `num_latents` tokens start as
-latents. Each new token then
-1. adds a latent, while there are fewer than `max_latents`;
-2. else moves the oldest latent into the prefix, while the prefix is shorter than `max_seq_len - max_latents`;
-3. else also drops the oldest prefix token: the window slides.
+latents; each new token is one more latent, until the latents (`max_latents`) or the window (`max_seq_len`) are full.
+Then half of the latents join the prefix at once and, when the prefix is full, its oldest tokens leave the window
+(see `perceiver_cli.models.clm.next_window`).
 
-The key/value cache makes each new token cost one latent's computation instead of a forward pass over the window.
-It holds the cross-attention keys/values of every window position and the self-attention keys/values of the
-latents. Phase 1 is exact: the cached values are what a full forward pass computes. When a latent joins the prefix
-(phases 2 and 3) its cross-attention key/value is recomputed the way the full pass computes prefix positions, and
-when the window slides the cached rotary keys are rotated back by one position, so the cross-attention keys and
-values stay exact except for the learned absolute position embedding (phase 3). What the cache cannot update are
-the self-attention keys/values of the latents: a full pass would recompute every latent with the new prefix
-boundary (and, when sliding, shifted positions). Recomputing them costs a full forward pass, which is the cost the
-cache avoids, so phases 2 and 3 deviate from the full computation, most in phase 3 with absolute position
-embeddings. `use_cache=False` runs the full forward pass at every step: the reference, at a higher cost.
+The key/value cache makes each new token cost one latent's computation instead of a forward pass over the window,
+and it is exact: while latents are added, the cached keys and values are what a full pass computes; when latents
+join the prefix or tokens leave, one full pass over the new window rebuilds the cache. `use_cache=False` runs the
+full pass at every step over the same windows, and so produces the same tokens.
 
 Shapes: B sequences, n window length, V vocabulary.
 """
@@ -33,8 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from perceiver_cli.errors import UserError
-from perceiver_cli.models.attention import Rotary
-from perceiver_cli.models.clm import CausalLanguageModel
+from perceiver_cli.models.clm import CausalLanguageModel, CausalLanguageModelConfig, Window, first_window, next_window
 
 # ---------------------------------------------------------------------------------------------------------------
 # Settings
@@ -86,12 +78,10 @@ def _require(ok: bool, message: str) -> None:
         raise UserError(message)
 
 
-def initial_num_latents(prompt_len: int, max_seq_len: int, max_latents: int, num_latents: int | None) -> int:
+def initial_num_latents(prompt_len: int, config: CausalLanguageModelConfig, num_latents: int | None) -> int:
     """Latents of the first window: the requested number (default: as many as fit), at most the prompt length,
     and at least what the prefix cannot hold."""
-    prompt_len = min(prompt_len, max_seq_len)
-    wanted = max_latents if num_latents is None else num_latents
-    return max(min(wanted, prompt_len), prompt_len - (max_seq_len - max_latents))
+    return first_window(prompt_len, config, num_latents).num_latents
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -139,7 +129,7 @@ def choose_tokens(logits: torch.Tensor, do_sample: bool, generator: torch.Genera
 class PerceiverARDecoder:
     """Feeds a growing sequence to a `CausalLanguageModel` token by token and returns next-token logits.
 
-    `tokens` (B, n) is the window the model sees and `prefix_len` where its latents begin. `start()` runs the prompt
+    `tokens` (B, n) is the window the model sees and `window` its length and latents. `start()` runs the prompt
     (computed once and copied to the B sequences), `step(tokens)` appends one token per sequence.
     """
 
@@ -150,17 +140,22 @@ class PerceiverARDecoder:
         if not 1 <= n <= model.max_seq_len:
             raise ValueError(f"prompt length {n} must be between 1 and max_seq_len ({model.max_seq_len})")
         if not 1 <= num_latents <= min(n, model.max_latents) or n - num_latents > model.max_prefix_len:
-            raise ValueError(f"{num_latents} latents do not fit a prompt of {n} tokens; see initial_num_latents")
+            raise ValueError(f"{num_latents} latents do not fit a prompt of {n} tokens; see first_window")
         self.model = model
         self.tokens = prompt.reshape(1, n)
-        self.prefix_len = n - num_latents
+        self.window = Window(n, num_latents)
         self.batch_size = batch_size
+        self.use_cache = use_cache
         self.cache = model.empty_cache() if use_cache else None
+
+    @property
+    def prefix_len(self) -> int:
+        return self.window.prefix_len
 
     @torch.inference_mode()
     def start(self) -> torch.Tensor:
         """Logits (B, V) of the token after the prompt."""
-        logits = self.model(self.tokens, self.prefix_len, cache=self.cache)[:, -1].float()  # (1, V)
+        logits = self.model(self.tokens, self.prefix_len, cache=self.cache)[:, -1]  # (1, V)
         # Every sequence starts from the same prompt: compute it once, then copy tokens and cache.
         copies = torch.zeros(self.batch_size, dtype=torch.long, device=self.tokens.device)
         self.tokens = self.tokens[copies]
@@ -171,55 +166,15 @@ class PerceiverARDecoder:
 
     @torch.inference_mode()
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Append `tokens` (B,) to the window and return the logits (B, V) of the token after them, in float32 (as
-        sampling needs them also when the model computes in bfloat16)."""
-        self.tokens = torch.cat([self.tokens, tokens[:, None]], dim=1)
-        if self.tokens.shape[1] - self.prefix_len <= self.model.max_latents:
-            change = "latent"  # phase 1: one more latent
-        elif self.prefix_len < self.model.max_prefix_len:
-            change = "prefix"  # phase 2: the oldest latent joins the prefix
-            self.prefix_len += 1
-        else:
-            change = "slide"  # phase 3: the oldest prefix token leaves; the oldest latent joins the prefix
-            self.tokens = self.tokens[:, 1:]
-
-        if self.cache is None:
-            return self.model(self.tokens, self.prefix_len)[:, -1].float()
-        if change != "latent":  # the oldest latent is no latent any more: the self-attention caches forget it
-            for kv_cache in self.cache.self_attention:
-                kv_cache.drop_first(1)
-        if change == "slide":
-            self._slide_cache()
-        if change != "latent" and self.prefix_len > 0:  # (no prefix when max_latents == max_seq_len)
-            self._latent_to_prefix()
-        return self.model(tokens[:, None], 0, cache=self.cache)[:, -1].float()
-
-    def _slide_cache(self) -> None:
-        """Forget the oldest position and shift the cached rotary keys one position back, as the full forward pass
-        numbers the window from 0 again. Rotations compose, so rotating by -1 moves a key from position p to p - 1."""
-        cache, model = self.cache, self.model
-        cache.cross_attention.drop_first(1)
-        rotary_caches = [cache.cross_attention, *cache.self_attention[: model.self_attention.num_rotary_layers]]
-        k = cache.cross_attention.k
-        back = Rotary.at(torch.full((1, 1), -1, device=k.device), model.num_rotary_channels, dtype=k.dtype)
-        for kv_cache in rotary_caches:
-            kv_cache.k = back.rotate(kv_cache.k)
-
-    def _latent_to_prefix(self) -> None:
-        """The oldest latent is now the last prefix position: replace its cross-attention key/value by what the full
-        pass computes for a prefix position, from its embedding normalised by kv_norm (latents use q_norm)."""
-        model, cross_attention = self.model, self.cache.cross_attention
-        i = self.prefix_len - 1  # its index in the window and in the cross-attention cache
-        positions = torch.full((self.tokens.shape[0], 1), i, device=self.tokens.device)
-        x = model.input_adapter(self.tokens[:, i : i + 1], positions)  # (B, 1, C)
-        layer = model.cross_attention
-        kv = layer.kv_norm(x)
-        heads = layer.attention.num_heads
-        k = layer.attention.k_proj(kv).unflatten(-1, (heads, -1)).transpose(1, 2)  # (B, H, 1, c)
-        v = layer.attention.v_proj(kv).unflatten(-1, (heads, -1)).transpose(1, 2)
-        k = Rotary.at(positions, model.num_rotary_channels, dtype=k.dtype).rotate(k)
-        cross_attention.k[:, :, i] = k[:, :, 0]
-        cross_attention.v[:, :, i] = v[:, :, 0]
+        """Append `tokens` (B,) to the window and return the logits (B, V) of the token after them."""
+        self.window, fresh = next_window(self.window, self.model.config)
+        self.tokens = torch.cat([self.tokens, tokens[:, None]], dim=1)[:, -self.window.length :]
+        if not self.use_cache:
+            return self.model(self.tokens, self.prefix_len)[:, -1]
+        if fresh:  # latents joined the prefix or tokens left the window: rebuild the cache with one full pass
+            self.cache = self.model.empty_cache()
+            return self.model(self.tokens, self.prefix_len, cache=self.cache)[:, -1]
+        return self.model(tokens[:, None], 0, cache=self.cache)[:, -1]
 
 
 def generate_tokens(
@@ -232,7 +187,7 @@ def generate_tokens(
         raise UserError("the prompt is empty: give the model at least one token to continue")
     device = next(model.parameters()).device
     prompt = torch.tensor(prompt_ids[-model.max_seq_len :], dtype=torch.long, device=device)
-    num_latents = initial_num_latents(len(prompt_ids), model.max_seq_len, model.max_latents, settings.num_latents)
+    num_latents = initial_num_latents(len(prompt_ids), model.config, settings.num_latents)
     batch_size = settings.num_return_sequences
     decoder = PerceiverARDecoder(model, prompt, num_latents, batch_size, settings.use_cache)
 

@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from perceiver_cli import cli
 from perceiver_cli.checkpoints import load_model, write_checkpoint
-from perceiver_cli.models.clm import CausalLanguageModel, CausalLanguageModelConfig
+from perceiver_cli.models.clm import CausalLanguageModel, CausalLanguageModelConfig, first_window, next_window
 
 # Importing the package registers our model type with AutoConfig and AutoModelForCausalLM.
 from perceiver_cli.models.huggingface import PerceiverARCausalLMConfig, PerceiverARForCausalLM
@@ -57,21 +57,15 @@ def hf_model(exported):
 
 
 def reference_greedy(model: CausalLanguageModel, prompt: list[int], steps: int, num_latents: int | None):
-    """Tokens and next-token logits of greedy decoding by the backend, one full forward pass per step, following
-    the generation protocol: latents grow to max_latents, then the prefix to max_seq_len - max_latents, then the
-    window slides."""
-    config = model.config
+    """Tokens and next-token logits of greedy decoding by the backend, one full forward pass per step over the
+    windows of the generation protocol (`first_window`, `next_window`)."""
     tokens, logits = list(prompt), []
-    latents = None
-    for _ in range(steps):
-        window = min(len(tokens), config.max_seq_len)
-        if latents is None:
-            latents = min(num_latents or config.max_latents, window)
-        else:
-            latents = min(latents + 1, config.max_latents)
-        latents = max(latents, window - (config.max_seq_len - config.max_latents))
+    window = first_window(len(tokens), model.config, num_latents)
+    for step in range(steps):
+        if step:
+            window, _ = next_window(window, model.config)
         with torch.no_grad():
-            step_logits = model(torch.tensor([tokens[-window:]]), window - latents)[0, -1]
+            step_logits = model(torch.tensor([tokens[-window.length :]]), window.prefix_len)[0, -1]
         logits.append(step_logits)
         tokens.append(int(step_logits.argmax()))
     return tokens[len(prompt) :], torch.stack(logits)
@@ -120,23 +114,21 @@ def test_greedy_generate_with_and_without_cache_agrees_while_latents_grow(backen
         torch.testing.assert_close(logits[0], expected_logits, atol=1e-5, rtol=0)
 
 
-def test_generate_without_cache_follows_the_protocol_past_the_window(backend, hf_model):
-    # 40 prompt tokens with as many latents as fit (12), 20 new tokens: the prefix grows to 36, then the window
-    # (48) slides. Without the cache every step is the reference's full forward pass.
+@pytest.mark.parametrize("use_cache", [False, True])
+def test_generate_follows_the_protocol_past_the_window(backend, hf_model, use_cache):
+    # 40 prompt tokens with as many latents as fit (12), 30 new tokens: latents join the prefix, then the window
+    # (48) is full and its oldest tokens leave. Cached or not, every step equals the reference's full forward pass.
     prompt = torch.randint(6, 262, (1, 40), generator=torch.Generator().manual_seed(3))
-    expected_tokens, expected_logits = reference_greedy(backend, prompt[0].tolist(), 20, num_latents=None)
-    tokens, logits = hf_greedy(hf_model, prompt, 20, use_cache=False)
+    expected_tokens, expected_logits = reference_greedy(backend, prompt[0].tolist(), 30, num_latents=None)
+    tokens, logits = hf_greedy(hf_model, prompt, 30, use_cache=use_cache)
     assert tokens[0].tolist() == expected_tokens
     torch.testing.assert_close(logits[0], expected_logits, atol=1e-5, rtol=0)
-    # With the cache only the latents' self-attention keys/values go stale there: close, not equal.
-    _, cached_logits = hf_greedy(hf_model, prompt, 20, use_cache=True)
-    assert (cached_logits[0] - expected_logits).abs().max() < 0.05
 
 
-def test_cache_keeps_the_cross_attention_exact_when_latents_join_the_prefix_and_the_window_slides():
-    # Without absolute position embeddings nothing in the cross-attention cache goes stale: after latents joined
-    # the prefix and the window slid, it equals a fresh forward pass over the final window. Row 1 is left-padded.
-    config = dataclasses.replace(CONFIG, abs_pos_emb=False)
+def test_cache_equals_a_fresh_pass_after_latents_join_the_prefix_and_tokens_leave():
+    # After latents joined the prefix and the window filled up, the whole cache (absolute position embeddings and
+    # all) equals a fresh forward pass over the final window. Row 1 is left-padded.
+    config = CONFIG
     model = PerceiverARForCausalLM(PerceiverARCausalLMConfig.from_backend_config(config)).eval()
     model.model.load_state_dict(random_clm(config).state_dict())
     prompt = torch.randint(6, 262, (2, 40), generator=torch.Generator().manual_seed(4))
@@ -149,17 +141,18 @@ def test_cache_keeps_the_cross_attention_exact_when_latents_join_the_prefix_and_
         )
     cache = output.cache
     window = len(cache)  # the last forward pass saw the window of all tokens but the last generated one
-    assert window == config.max_seq_len
     ids = output.sequences[:, -window - 1 : -1]
     window_mask = torch.cat([mask, torch.ones(2, 15, dtype=torch.long)], dim=1)[:, -window - 1 : -1]
+    assert output.sequences.shape[1] - 1 > window  # latents joined the prefix and tokens left the window
     fresh = model.model.empty_cache()
     with torch.no_grad():
         model.model(ids, window - cache.num_latents, pad_mask=window_mask == 0, cache=fresh)
-    real = window_mask.bool()[:, None, :, None]  # padding keys are masked out, whatever they hold
-    for cached, recomputed in zip(
-        (cache.cross_attention.k, cache.cross_attention.v), (fresh.cross_attention.k, fresh.cross_attention.v)
+    for layer, (cached, recomputed) in enumerate(
+        zip([cache.cross_attention, *cache.self_attention], [fresh.cross_attention, *fresh.self_attention])
     ):
-        torch.testing.assert_close(cached * real, recomputed * real, atol=1e-5, rtol=0)
+        real = window_mask.bool()[:, None, -cached.k.shape[2] :, None]  # padding keys are masked out anyway
+        torch.testing.assert_close(cached.k * real, recomputed.k * real, atol=1e-5, rtol=0, msg=f"layer {layer}")
+        torch.testing.assert_close(cached.v * real, recomputed.v * real, atol=1e-5, rtol=0, msg=f"layer {layer}")
 
 
 def test_left_padded_batch_generates_what_each_prompt_generates_alone(hf_model):

@@ -84,7 +84,7 @@ def generate(
             f"the prompt has {len(prompt_ids)} tokens, more than the model's max_seq_len ({config.max_seq_len}): "
             f"using its last {config.max_seq_len} tokens"
         )
-    latents = initial_num_latents(len(prompt_ids), config.max_seq_len, config.max_latents, num_latents)
+    latents = initial_num_latents(len(prompt_ids), config, num_latents)
     if num_latents is not None and latents > num_latents:
         _warn(f"using {latents} latents: with {num_latents}, the prompt would not fit the model's prefix")
 
