@@ -69,7 +69,9 @@ class DataSection(Section):
     batch_size: int = Field(default=8, gt=0)
     num_workers: int = Field(default=0, ge=0)
     padding_side: Literal["left", "right"] | None = None  # default: left for clm, right for mlm
-    random_shift: bool = False
+    random_shift: bool = False  # clm: vary chunk boundaries between epochs
+    random_truncation: bool = False  # clm: train on random lengths, so that short prompts are in distribution
+    min_seq_len: int = Field(default=16, gt=0)  # clm: the shortest random truncation
     mask_prob: float = Field(default=0.15, gt=0.0, lt=1.0)
     whole_word_masking: bool = True
     static_masking: bool = False
@@ -90,6 +92,13 @@ class SchedulerSection(Section):
     min_lr_ratio: float = Field(default=0.0, ge=0.0, le=1.0)
 
 
+class FSDPSection(Section):
+    """[trainer.fsdp]: with strategy = "fsdp"; every attention layer is one sharded unit."""
+
+    sharding: Literal["full_shard", "shard_grad_op", "no_shard", "hybrid_shard"] = "full_shard"  # torch's names
+    activation_checkpointing: bool = False  # recompute each attention layer's activations in the backward pass
+
+
 class TrainerSection(Section):
     max_steps: int = Field(default=-1, ge=-1)  # -1: no step limit
     max_epochs: int | None = Field(default=None, gt=0)
@@ -103,6 +112,7 @@ class TrainerSection(Section):
     devices: int | Literal["auto"] = "auto"
     num_nodes: int = Field(default=1, gt=0)
     strategy: Literal["auto", "ddp", "fsdp"] = "auto"
+    fsdp: FSDPSection | None = None
     seed: int = 0
     deterministic: bool = False
     compile: bool = False  # torch.compile the backend model
@@ -129,14 +139,29 @@ class RunConfig(Section):
         return self.model.task
 
     def vocab_size(self) -> int:
-        """The vocabulary the model is built for: the tokenizer's, unless declared for a tokenizer not on disk."""
-        if self.data.vocab_size is not None:
+        """The vocabulary the model is built for: the tokenizer's. A declared `data.vocab_size` stands in for a
+        tokenizer that is not on disk (a dry run on another machine) and must agree with one that is."""
+        tokenizer = self.data.tokenizer
+        utf8 = tokenizer.strip().lower() in ("utf8", "utf-8")
+        if not utf8 and not Path(tokenizer).expanduser().is_dir() and self.data.vocab_size is not None:
             return self.data.vocab_size
-        if self.data.tokenizer == "utf8":
-            return UTF8_VOCAB_SIZE
-        from perceiver_cli.data.tokenizer import load_tokenizer, vocab_size
+        if utf8:
+            actual = UTF8_VOCAB_SIZE
+        else:
+            from perceiver_cli.data.tokenizer import load_tokenizer, vocab_size
 
-        return vocab_size(load_tokenizer(self.data.tokenizer))
+            actual = vocab_size(load_tokenizer(tokenizer))
+        self.check_vocab_size(actual)
+        return actual
+
+    def check_vocab_size(self, actual: int) -> None:
+        """Refuse a declared `data.vocab_size` that differs from the tokenizer's `actual` one."""
+        declared = self.data.vocab_size
+        if declared is not None and declared != actual:
+            raise UserError(
+                f"data.vocab_size = {declared:,}, but tokenizer {self.data.tokenizer} has {actual:,} tokens",
+                hint=f"set data.vocab_size = {actual} or remove it: it only stands in for a tokenizer not on disk",
+            )
 
     def backend_config(self, vocab_size: int):
         """The backend model config: the [model] fields plus the linked data fields."""
@@ -251,6 +276,26 @@ def _check_run(cfg: RunConfig) -> list[tuple[str, str]]:
             errors.append(("trainer.max_time", f"expected DD:HH:MM:SS, got {t.max_time!r}"))
     if isinstance(t.val_check_interval, float) and t.val_check_interval > 1.0:
         errors.append(("trainer.val_check_interval", "a fraction of an epoch must be at most 1.0; use an int for steps"))
+    return errors + _check_fsdp(cfg)
+
+
+def _check_fsdp(cfg: RunConfig) -> list[tuple[str, str]]:
+    t = cfg.trainer
+    if t.strategy != "fsdp":
+        return []  # [trainer.fsdp] is inert then, so that a run saved with it can resume on one device
+    errors = []
+    if t.accelerator in ("cpu", "mps"):
+        errors.append(("trainer.accelerator", 'strategy "fsdp" needs CUDA GPUs: use "gpu" (or "ddp" on the CPU)'))
+    if cfg.model.activation_checkpointing:
+        # The model's own checkpointing would wrap the sharded layers from outside; FSDP's goes inside each one.
+        errors.append(("model.activation_checkpointing",
+                       'with strategy "fsdp" set trainer.fsdp.activation_checkpointing = true instead'))
+    if cfg.task == "clm" and cfg.output.sample_prompt:
+        # Generating on rank 0 alone would need the other ranks' shards of the weights.
+        errors.append(("output.sample_prompt", 'validation samples are not generated with strategy "fsdp": leave it '
+                                               'unset (generate from a checkpoint with `perceiver generate`)'))
+    if t.fsdp is not None and t.fsdp.sharding == "hybrid_shard" and t.devices == "auto":
+        errors.append(("trainer.devices", 'sharding "hybrid_shard" needs the number of devices per node'))
     return errors
 
 

@@ -99,6 +99,22 @@ def test_clm_random_shift_windows_vary_between_epochs_and_are_seeded():
 # --- MLM ---------------------------------------------------------------------------------------------------------
 
 
+def test_clm_random_truncation_varies_the_length_and_keeps_the_start():
+    collator = CLMCollator(pad_token_id=0, max_seq_len=64, random_truncation=True, min_seq_len=8, seed=1)
+    chunk = np.arange(10, 75)  # 65 tokens: 64 inputs and their labels
+    lengths = set()
+    for _ in range(50):
+        batch = collator([{"input_ids": chunk}, {"input_ids": chunk}])
+        n = batch["input_ids"].shape[1]
+        lengths.add(n)
+        assert 8 <= n <= 64
+        assert batch["input_ids"][0].tolist() == list(range(10, 10 + n))  # the start is kept
+        assert batch["labels"][0].tolist() == list(range(11, 11 + n))
+    assert len(lengths) > 20  # lengths spread over the range
+    plain = CLMCollator(pad_token_id=0, max_seq_len=64)([{"input_ids": chunk}])
+    assert plain["input_ids"].shape[1] == 64
+
+
 def test_mlm_masking_rate_and_80_10_10(tokenizer):
     examples = _mlm_examples(64)
     batch = MLMCollator(tokenizer, whole_word_masking=False, seed=0)(examples)

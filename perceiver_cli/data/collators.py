@@ -23,10 +23,21 @@ class CLMCollator:
     tokens[1:]. Short examples are padded on `padding_side` ("left" by default: Perceiver AR needs the latest tokens
     at the end). Longer examples (chunk i followed by chunk i + 1, see `ChunkDataset(lookahead=True)`) are cut to a
     window of max_seq_len + 1 tokens: at a random offset with `random_shift`, so that chunk boundaries differ
-    between epochs, else at the start."""
+    between epochs, else at the start.
+
+    `random_truncation` cuts each batch to a random length between `min_seq_len` and max_seq_len tokens (keeping
+    the start). Perceiver AR's latents are the last positions of a sequence: trained on full-length sequences only,
+    its latents never sit at early positions, and it writes poorly from a short prompt."""
 
     def __init__(
-        self, pad_token_id: int, max_seq_len: int, padding_side: str = "left", random_shift: bool = False, seed: int = 0
+        self,
+        pad_token_id: int,
+        max_seq_len: int,
+        padding_side: str = "left",
+        random_shift: bool = False,
+        seed: int = 0,
+        random_truncation: bool = False,
+        min_seq_len: int = 16,
     ):
         if padding_side not in ("left", "right"):
             raise UserError(f"padding side {padding_side!r} is not supported: use 'left' or 'right'")
@@ -34,10 +45,15 @@ class CLMCollator:
         self.window = max_seq_len + 1
         self.padding_side = padding_side
         self.random_shift = random_shift
+        self.random_truncation = random_truncation
+        self.min_seq_len = min(min_seq_len, max_seq_len)
         self._randomness = _Randomness(seed)
 
     def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
         windows = [self._window(torch.as_tensor(example["input_ids"], dtype=torch.long)) for example in examples]
+        if self.random_truncation:
+            n = int(torch.randint(self.min_seq_len, self.window, (1,), generator=self._randomness.generator()))
+            windows = [w[: n + 1] for w in windows]  # n inputs and their n labels
         inputs = [w[:-1] for w in windows]
         labels = [w[1:] for w in windows]
         return _pad_batch(inputs, labels, self.pad_token_id, self.padding_side)

@@ -2,14 +2,20 @@
 
 `prepare_data()` builds the caches (embedded corpus, arrow tables, tokenized chunks) once per node; `setup()` loads
 them on every process (a cache hit: milliseconds). Dataloaders are deterministic for a fixed `seed`: the training
-order comes from a seeded generator, and masks and window offsets from the collators' seeded generators. Under a
-DDP strategy Lightning swaps in a DistributedSampler; nothing here gets in its way.
+order comes from a seeded sampler, and masks and window offsets from the collators' seeded generators.
+
+Training data is sharded across ranks by a DistributedSampler of our own (Lightning leaves it in place), also on one
+process: every rank shuffles with the same seed and rank r of W takes every W-th example, so W ranks with batch B see
+exactly the batches one process with batch W x B sees, epoch after epoch. When W does not divide the number of
+examples, the sampler repeats the first examples of the epoch's order to even the ranks out (at most W - 1 per
+epoch): no example is dropped and every rank runs the same number of steps. Validation gets Lightning's
+DistributedSampler, which does the same without shuffling.
 """
 
 import numpy as np
 import pytorch_lightning as pl
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from perceiver_cli.data.collators import CLMCollator, MLMCollator
 from perceiver_cli.data.pipeline import TASKS, count_tokens, tokenize_and_chunk
@@ -42,7 +48,7 @@ class TextDataModule(pl.LightningDataModule):
     Source arguments (`source`, `path`, `name`, `config`, `text_column`, `validation_fraction`) are those of
     `load_text_splits`; `tokenizer` is a spec for `load_tokenizer`. `padding_side` defaults to "left" for CLM
     (Perceiver AR) and "right" for MLM. `random_shift` (CLM training only) varies chunk boundaries between
-    epochs. MLM options are those of `MLMCollator`; validation batches always use static masking so that validation
+    epochs, and `random_truncation` the sequence lengths (see `CLMCollator`). MLM options are those of `MLMCollator`; validation batches always use static masking so that validation
     losses are comparable between evaluations. `num_workers` defaults to 0: on small machines worker processes
     cost more than they save.
     """
@@ -62,6 +68,8 @@ class TextDataModule(pl.LightningDataModule):
         num_workers: int = 0,
         padding_side: str | None = None,
         random_shift: bool = False,
+        random_truncation: bool = False,
+        min_seq_len: int = 16,
         mask_prob: float = 0.15,
         whole_word_masking: bool = True,
         static_masking: bool = False,
@@ -76,8 +84,8 @@ class TextDataModule(pl.LightningDataModule):
             raise UserError(f"batch size {batch_size} is too small: use 1 or more")
         if num_workers < 0:
             raise UserError(f"num_workers {num_workers} is negative: use 0 (no worker processes) or more")
-        if random_shift and task != "clm":
-            raise UserError("random_shift applies to causal LM (clm) data only: turn it off for mlm")
+        if (random_shift or random_truncation) and task != "clm":
+            raise UserError("random_shift and random_truncation apply to causal LM (clm) data only: turn them off")
         self.task = task
         self.source_options = dict(
             source=source, path=path, name=name, config=config, text_column=text_column,
@@ -90,6 +98,7 @@ class TextDataModule(pl.LightningDataModule):
         self.batch_size = batch_size
         self.num_workers = num_workers
         self.random_shift = random_shift
+        self.truncation = dict(random_truncation=random_truncation, min_seq_len=min_seq_len)
         self.mask_options = dict(mask_prob=mask_prob, whole_word_masking=whole_word_masking)
         self.static_masking = static_masking
         self.seed = seed
@@ -137,10 +146,14 @@ class TextDataModule(pl.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         lookahead = self.task == "clm" and self.random_shift
-        return self._loader(ChunkDataset(self.chunks["train"], lookahead), self._collator(train=True), shuffle=True)
+        dataset = ChunkDataset(self.chunks["train"], lookahead)
+        # Lightning reshuffles each epoch through set_epoch (the order is seed + epoch's permutation).
+        world, rank = (self.trainer.world_size, self.trainer.global_rank) if self.trainer is not None else (1, 0)
+        sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=self.seed)
+        return self._loader(dataset, self._collator(train=True), sampler=sampler)
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader(ChunkDataset(self.chunks["validation"]), self._collator(train=False), shuffle=False)
+        return self._loader(ChunkDataset(self.chunks["validation"]), self._collator(train=False))
 
     def describe(self) -> dict:
         """Per split: number of chunks and of tokens, e.g. {"train": {"chunks": 4597, "tokens": 2357921}, ...}."""
@@ -162,16 +175,17 @@ class TextDataModule(pl.LightningDataModule):
                 padding_side=self._tokenizer.padding_side,
                 random_shift=self.random_shift and train,
                 seed=self.seed,
+                **(self.truncation if train else {}),
             )
         static = self.static_masking or not train
         return MLMCollator(self._tokenizer, **self.mask_options, static_masking=static, seed=self.seed)
 
-    def _loader(self, dataset: Dataset, collator, shuffle: bool) -> DataLoader:
+    def _loader(self, dataset: Dataset, collator, sampler: DistributedSampler | None = None) -> DataLoader:
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
-            shuffle=shuffle,
-            generator=torch.Generator().manual_seed(self.seed) if shuffle else None,
+            sampler=sampler,
+            generator=torch.Generator().manual_seed(self.seed),  # seeds the workers (see collators._Randomness)
             collate_fn=collator,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,

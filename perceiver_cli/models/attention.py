@@ -67,33 +67,47 @@ class Rotary:
 class KVCache:
     """Keys and values (B, H, N, c) of positions seen earlier by one attention layer.
 
-    Keys are stored after the rotary embedding, so a cached position is never rotated twice.
+    Keys are stored after the rotary embedding, so a cached position is never rotated twice. The buffers grow by
+    doubling: appending a token writes one position instead of copying the whole cache (as `torch.cat` would).
     """
 
     def __init__(self) -> None:
-        self.k: torch.Tensor | None = None
-        self.v: torch.Tensor | None = None
+        self._k: torch.Tensor | None = None  # (B, H, capacity, c)
+        self._v: torch.Tensor | None = None
+        self._length = 0
 
     def __len__(self) -> int:
-        return 0 if self.k is None else self.k.shape[2]
+        return self._length
+
+    @property
+    def k(self) -> torch.Tensor | None:
+        return None if self._k is None else self._k[:, :, : self._length]
+
+    @property
+    def v(self) -> torch.Tensor | None:
+        return None if self._v is None else self._v[:, :, : self._length]
 
     def extend(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Append new keys and values; return all of them."""
-        if self.k is not None:
-            k = torch.cat([self.k, k], dim=2)
-            v = torch.cat([self.v, v], dim=2)
-        self.k, self.v = k, v
-        return k, v
+        """Append new keys and values (B, H, n, c); return all of them (views of the buffers)."""
+        end = self._length + k.shape[2]
+        if self._k is None or end > self._k.shape[2]:
+            self._k, self._v = self._grown(self._k, k, end), self._grown(self._v, v, end)
+        self._k[:, :, self._length : end] = k
+        self._v[:, :, self._length : end] = v
+        self._length = end
+        return self.k, self.v
 
-    def drop_first(self, n: int) -> None:
-        """Forget the `n` oldest positions (a sliding window)."""
-        if n > 0 and self.k is not None:
-            self.k, self.v = self.k[:, :, n:], self.v[:, :, n:]
+    def _grown(self, buffer: torch.Tensor | None, new: torch.Tensor, needed: int) -> torch.Tensor:
+        b, h, _, c = new.shape
+        grown = new.new_empty(b, h, max(2 * needed, 16), c)
+        if buffer is not None:
+            grown[:, :, : self._length] = buffer[:, :, : self._length]
+        return grown
 
     def select(self, batch_index: torch.Tensor) -> None:
-        """Keep/reorder batch entries (beam search, finished sequences)."""
-        if self.k is not None:
-            self.k, self.v = self.k[batch_index], self.v[batch_index]
+        """Keep/reorder batch entries (beam search, copies of one prompt)."""
+        if self._k is not None:
+            self._k, self._v = self._k[batch_index], self._v[batch_index]
 
 
 # ---------------------------------------------------------------------------------------------------------------

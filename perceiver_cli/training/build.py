@@ -18,11 +18,12 @@ from perceiver_cli.training.callbacks import (
     StepProgress,
     Throughput,
 )
+from perceiver_cli.training.distributed import build_strategy, gradient_clip_val, strategy_callbacks
 
 
 def build_datamodule(cfg: RunConfig) -> TextDataModule:
     d = cfg.data
-    return TextDataModule(
+    datamodule = TextDataModule(
         cfg.task,
         source=d.source,
         path=d.path,
@@ -35,12 +36,16 @@ def build_datamodule(cfg: RunConfig) -> TextDataModule:
         num_workers=d.num_workers,
         padding_side=d.padding_side,
         random_shift=d.random_shift,
+        random_truncation=d.random_truncation,
+        min_seq_len=d.min_seq_len,
         mask_prob=d.mask_prob,
         whole_word_masking=d.whole_word_masking,
         static_masking=d.static_masking,
         validation_fraction=d.validation_fraction,
         seed=cfg.trainer.seed,
     )
+    cfg.check_vocab_size(datamodule.vocab_size)
+    return datamodule
 
 
 def build_lit_model(cfg: RunConfig, vocab_size: int) -> LitLanguageModel:
@@ -110,6 +115,7 @@ def build_trainer(
         RunSummary(run_dir, throughput, console, bytes_per_token),
         LearningRateMonitor(logging_interval="step"),
         SaveOnInterrupt(checkpoints / "last.ckpt"),
+        *strategy_callbacks(cfg),
     ]
     if cfg.task == "clm" and cfg.output.sample_prompt:
         from perceiver_cli.training.samples import ValidationSample
@@ -132,12 +138,12 @@ def build_trainer(
         check_val_every_n_epoch=None if steps_interval else 1,
         limit_val_batches=t.limit_val_batches,
         accumulate_grad_batches=t.accumulate_grad_batches,
-        gradient_clip_val=t.gradient_clip_val,
+        gradient_clip_val=gradient_clip_val(cfg),
         precision="32-true" if t.precision == "32" else t.precision,
         accelerator=t.accelerator,
         devices=t.devices,
         num_nodes=t.num_nodes,
-        strategy=t.strategy,
+        strategy=build_strategy(cfg),
         deterministic=t.deterministic,
         log_every_n_steps=t.log_every_n_steps,
         enable_progress_bar=False,
