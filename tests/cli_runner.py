@@ -1,14 +1,33 @@
-"""Run the `perceiver` app in-process, through the same error handling as the console script."""
+"""Run the `perceiver` app in-process, through the same error handling as the console script, and lay out run
+directories as `perceiver train` writes them."""
+
+import io
+import sys
+from pathlib import Path
 
 import pytest
 import typer
 
 from perceiver_cli import cli
+from perceiver_cli.checkpoints import write_checkpoint
 
 
-def run_cli(capsys, *args: str, app: typer.Typer = cli.app) -> tuple[int, str, str]:
-    """(exit status, stdout, stderr) of `perceiver ARGS`."""
+def run_cli(
+    capsys, *args: str, app: typer.Typer = cli.app, stdin: bytes | None = None, monkeypatch=None
+) -> tuple[int, str, str]:
+    """(exit status, stdout, stderr) of `perceiver ARGS`; `stdin` (with `monkeypatch`) feeds standard input."""
+    if stdin is not None:
+        monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(stdin)))
     with pytest.raises(SystemExit) as exit_:
         cli.run_app(app, list(args))
     out, err = capsys.readouterr()
     return exit_.value.code, out, err
+
+
+def write_run(root: Path, name: str, task: str, model, config, run_config: dict | None = None) -> Path:
+    """A run directory as `perceiver train` writes it: runs/NAME/version_0/{config.toml, checkpoints/last.ckpt}."""
+    run = root / "runs" / name / "version_0"
+    run_config = run_config or {"model": {"task": task}}
+    write_checkpoint(run / "checkpoints" / "last.ckpt", task, model, config, run_config=run_config)
+    (run / "config.toml").write_text(f'[model]\ntask = "{task}"\n', encoding="utf-8")
+    return run

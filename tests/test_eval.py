@@ -8,13 +8,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from perceiver_cli import cli
-from perceiver_cli.checkpoints import write_checkpoint
 from perceiver_cli.data.tokenizer import load_tokenizer
 from perceiver_cli.evaluation import clm_token_stream, clm_windows, evaluate_clm
 from perceiver_cli.models.clm import CausalLanguageModel
 from perceiver_cli.models.mlm import MaskedLanguageModel
 from tiny_models import tiny_clm_config, tiny_mlm_config
+from cli_runner import run_cli, write_run
 
 
 @pytest.mark.parametrize("num_tokens", [2, 5, 12, 13, 48, 49, 50, 200])
@@ -74,10 +73,6 @@ def test_loss_of_the_first_window_is_the_models_loss_on_it():
 # --- the command ---------------------------------------------------------------------------------------------------
 
 
-def write_run(root: Path, name: str, task: str, model, config, run_config: dict) -> None:
-    run = root / "runs" / name / "version_0"
-    write_checkpoint(run / "checkpoints" / "last.ckpt", task, model, config, run_config=run_config)
-    (run / "config.toml").write_text(f'[model]\ntask = "{task}"\n', encoding="utf-8")
 
 
 @pytest.fixture
@@ -102,11 +97,6 @@ def runs(tmp_path, monkeypatch):
     return tmp_path
 
 
-def run_cli(capsys, *args: str) -> tuple[int, str, str]:
-    with pytest.raises(SystemExit) as exit_:
-        cli.main(list(args))
-    out, err = capsys.readouterr()
-    return exit_.value.code, out, err
 
 
 CLM = "runs/clm-tiny/version_0"

@@ -2,19 +2,17 @@
 and clear errors."""
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
 from transformers import PerceiverTokenizer
 
-from perceiver_cli import cli
-from perceiver_cli.checkpoints import write_checkpoint
 from perceiver_cli.commands.fill_mask import best_filling, encode_with_masks, predict_masks
 from perceiver_cli.data.tokenizer import load_tokenizer
 from perceiver_cli.models.clm import CausalLanguageModel
 from perceiver_cli.models.mlm import MaskedLanguageModel
 from tiny_models import tiny_clm_config, tiny_mlm_config
+from cli_runner import run_cli, write_run
 
 TEXT = "The capital of France is [MASK][MASK][MASK][MASK][MASK]."
 
@@ -78,10 +76,6 @@ def test_decoding_only_the_masked_positions_gives_the_full_pass_scores():
 # --- the command ---------------------------------------------------------------------------------------------------
 
 
-def write_run(root: Path, name: str, task: str, model, config) -> None:
-    run = root / "runs" / name / "version_0"
-    write_checkpoint(run / "checkpoints" / "last.ckpt", task, model, config, run_config={"model": {"task": task}})
-    (run / "config.toml").write_text(f'[model]\ntask = "{task}"\n', encoding="utf-8")
 
 
 @pytest.fixture
@@ -95,11 +89,6 @@ def runs(tmp_path, monkeypatch):
     return tmp_path
 
 
-def run_cli(capsys, *args: str) -> tuple[int, str, str]:
-    with pytest.raises(SystemExit) as exit_:
-        cli.main(list(args))
-    out, err = capsys.readouterr()
-    return exit_.value.code, out, err
 
 
 def test_json_has_the_pipelines_shape(runs, capsys):

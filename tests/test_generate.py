@@ -1,7 +1,6 @@
 """Generation with Perceiver AR: the key/value cache against full forward passes, sampling, stop strings, streaming
 UTF-8 decoding, and the `perceiver generate` command."""
 
-import io
 import json
 import subprocess
 import sys
@@ -10,8 +9,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from perceiver_cli import cli
-from perceiver_cli.checkpoints import write_checkpoint
 from perceiver_cli.data.tokenizer import load_tokenizer
 from perceiver_cli.generation import (
     GenerationSettings,
@@ -25,6 +22,7 @@ from perceiver_cli.generation import (
 from perceiver_cli.models.clm import CausalLanguageModel
 from perceiver_cli.models.mlm import MaskedLanguageModel
 from tiny_models import tiny_clm_config, tiny_mlm_config
+from cli_runner import run_cli, write_run
 
 
 def clm(**overrides) -> CausalLanguageModel:
@@ -253,12 +251,6 @@ def test_streamed_pieces_add_up_to_the_returned_text():
 # --- the command ---------------------------------------------------------------------------------------------------
 
 
-def write_run(root: Path, name: str, task: str, model, config) -> Path:
-    """A run directory as `perceiver train` writes it: runs/NAME/VERSION/{config.toml, checkpoints/last.ckpt}."""
-    run = root / "runs" / name / "version_0"
-    write_checkpoint(run / "checkpoints" / "last.ckpt", task, model, config, run_config={"model": {"task": task}})
-    (run / "config.toml").write_text(f'[model]\ntask = "{task}"\n', encoding="utf-8")
-    return run
 
 
 @pytest.fixture
@@ -274,14 +266,6 @@ def runs(tmp_path, monkeypatch):
     return tmp_path
 
 
-def run_cli(capsys, *args: str, stdin: bytes | None = None, monkeypatch=None) -> tuple[int, str, str]:
-    """Run `perceiver ARGS` in-process through its entry point: (exit status, stdout, stderr)."""
-    if stdin is not None:
-        monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(stdin)))
-    with pytest.raises(SystemExit) as exit_:
-        cli.main(list(args))
-    out, err = capsys.readouterr()
-    return exit_.value.code, out, err
 
 
 def test_generate_streams_text_and_reports_timing_on_stderr(runs, capsys):
