@@ -158,7 +158,7 @@ def clm_training_throughput():
     x = torch.randint(6, 262, (24, 4097), device="cuda")
     out = {}
     for precision in ("fp32", "bf16"):
-        def step():
+        def step(precision=precision):
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=precision == "bf16"):
                 logits = clm(x[:, :-1], 4096 - 512)
                 loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), x[:, -512:].flatten())
