@@ -193,11 +193,12 @@ def _load_lightning_checkpoint(path: Path) -> LoadedModel:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         raise UserError(
-            f"refusing to load {path}: it contains pickled Python objects that could run code ({_first_line(err)})",
-            hint="only checkpoints written by perceiver (tensors and plain data) are loaded",
+            f"refusing to load {path}: it holds pickled Python objects, which could run code when loaded"
+            f"{_unsupported_global(err)}",
+            hint="only checkpoints of tensors and plain data load; re-save the weights with perceiver or safetensors",
         ) from None
-    except (RuntimeError, EOFError, OSError, ValueError) as err:
-        raise UserError(f"cannot read checkpoint {path}: {_first_line(err)} (truncated or not a checkpoint?)") from None
+    except (RuntimeError, EOFError, OSError, ValueError):
+        raise UserError(f"cannot read checkpoint {path}: the file is truncated or not a PyTorch checkpoint") from None
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
         raise UserError(f"{path} is not a Lightning checkpoint (no state_dict)")
     prefix = "model."
@@ -219,6 +220,14 @@ def _load_safetensors(path: Path) -> LoadedModel:
     except (KeyError, json.JSONDecodeError):
         raise UserError(f"{path} has no perceiver model description in its metadata") from None
     return _from_metadata(meta, state_dict, path)
+
+
+def _unsupported_global(err: Exception) -> str:
+    """The object torch refused to unpickle, e.g. " (posix.system)", where its message names one."""
+    import re
+
+    match = re.search(r"GLOBAL ([\w.]+)", str(err))
+    return f" ({match.group(1)})" if match else ""
 
 
 def _first_line(err: Exception) -> str:

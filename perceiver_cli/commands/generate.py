@@ -130,6 +130,8 @@ def read_prompt(prompt: str | None, file: Path | None) -> str:
     if file is not None:
         if prompt is not None:
             raise UserError("give the prompt either as an argument or with --file, not both")
+        if file.is_dir():
+            raise UserError(f"--file {file} is a directory: give a text file")
         if not file.is_file():
             raise UserError(f"prompt file not found: {file}")
         data, source = file.read_bytes(), str(file)
