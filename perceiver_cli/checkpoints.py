@@ -191,13 +191,14 @@ def _load_lightning_checkpoint(path: Path) -> LoadedModel:
 
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        raise UserError(
-            f"refusing to load {path}: it holds pickled Python objects, which could run code when loaded"
-            f"{_unsupported_global(err)}",
-            hint="only checkpoints of tensors and plain data load; re-save the weights with perceiver or safetensors",
-        ) from None
-    except (RuntimeError, EOFError, OSError, ValueError):
+    except Exception as err:  # a corrupt file can make the unpickler raise almost anything
+        # Code runs from a pickle through a GLOBAL (a callable it names): that is what torch's safe loader refused.
+        if isinstance(err, pickle.UnpicklingError) and "GLOBAL" in str(err):
+            raise UserError(
+                f"refusing to load {path}: it holds pickled Python objects, which could run code when loaded"
+                f"{_unsupported_global(err)}",
+                hint="only checkpoints of tensors and plain data load; re-save the weights with perceiver or safetensors",
+            ) from None
         raise UserError(f"cannot read checkpoint {path}: the file is truncated or not a PyTorch checkpoint") from None
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
         raise UserError(f"{path} is not a Lightning checkpoint (no state_dict)")
@@ -223,7 +224,7 @@ def _load_safetensors(path: Path) -> LoadedModel:
 
 
 def _unsupported_global(err: Exception) -> str:
-    """The object torch refused to unpickle, e.g. " (posix.system)", where its message names one."""
+    """The callable torch refused to unpickle, e.g. " (posix.system)"."""
     import re
 
     match = re.search(r"GLOBAL ([\w.]+)", str(err))
