@@ -141,3 +141,10 @@ def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(capsys, tmp
     last = tmp_path / "clm-small" / "version_0" / "checkpoints" / "last.ckpt"
     assert "last good checkpoint" in err and checkpoint_step(last) == 2
     assert all(torch.isfinite(t).all() for t in torch.load(last, weights_only=True)["state_dict"].values())
+
+
+def test_the_last_checkpoint_holds_the_final_step(capsys, tmp_path):
+    # 5 steps, validation (and the periodic last checkpoint) every 2: the end of training saves step 5 too.
+    code, _, err = train(capsys, "clm", tmp_path, "trainer.max_steps=5")
+    assert code in (0, None), err
+    assert checkpoint_step(tmp_path / "clm-small" / "version_0" / "checkpoints" / "last.ckpt") == 5

@@ -68,9 +68,12 @@ class LitLanguageModel(pl.LightningModule):
 
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
         loss = self.loss(batch)
-        if not torch.isfinite(loss):
+        # The step's loss is the mean over ranks (what the gradients average): it is what gets logged, and a NaN on
+        # any rank stops all of them at once; a rank stopping alone would leave the others waiting forever.
+        step_loss = self.trainer.strategy.reduce(loss.detach().clone(), reduce_op="mean")  # reduces in place
+        if not torch.isfinite(step_loss):
             raise NonFiniteLossError("training loss", self.global_step)
-        self.log("train_loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
+        self.log("train_loss", step_loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
         return loss
 
     def on_before_optimizer_step(self, optimizer) -> None:

@@ -14,7 +14,7 @@ from perceiver_cli.models.lightning import LitCausalLanguageModel, LitLanguageMo
 from perceiver_cli.training.callbacks import (
     AtomicCheckpointIO,
     RunSummary,
-    SaveOnInterrupt,
+    LastCheckpoint,
     StepProgress,
     Throughput,
 )
@@ -100,8 +100,8 @@ def build_trainer(
         dirpath=checkpoints, filename="best", monitor="val_loss", mode="min", save_top_k=1,
         enable_version_counter=False,
     )
-    # `last` is saved at every validation and at the end, so a killed run loses at most one validation interval
-    # (Ctrl-C saves it too, see SaveOnInterrupt).
+    # `last` is saved at every validation, at the end and on Ctrl-C (see LastCheckpoint), so a killed run loses at
+    # most one validation interval.
     last = ModelCheckpoint(
         dirpath=checkpoints, filename="last", save_top_k=1, enable_version_counter=False,
         every_n_train_steps=t.val_check_interval if steps_interval else None,
@@ -114,7 +114,7 @@ def build_trainer(
         StepProgress(throughput, console),
         RunSummary(run_dir, throughput, console, bytes_per_token),
         LearningRateMonitor(logging_interval="step"),
-        SaveOnInterrupt(checkpoints / "last.ckpt"),
+        LastCheckpoint(checkpoints / "last.ckpt"),
         *strategy_callbacks(cfg),
     ]
     if cfg.task == "clm" and cfg.output.sample_prompt:

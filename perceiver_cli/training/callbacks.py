@@ -33,18 +33,34 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         os.replace(tmp, path)
 
 
-class SaveOnInterrupt(pl.Callback):
-    """Ctrl-C saves the current state as the last checkpoint, so `--resume auto` continues from this very step.
-    Other exceptions save nothing: a failure (a NaN loss, say) must not overwrite the last good checkpoint."""
+class LastCheckpoint(pl.Callback):
+    """`last.ckpt` after the final step and on Ctrl-C, so that `--resume auto` continues from the very last step
+    (between them, the `last` ModelCheckpoint saves it at every validation). Other exceptions save nothing: a
+    failure (a NaN loss, say) must not overwrite the last good checkpoint."""
 
     def __init__(self, last: Path):
         self.last = last
+        self.saved_at: int | None = None
         self.interrupted_at: int | None = None
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        # Saved inside the step loop, like ModelCheckpoint's step checkpoints: a checkpoint written after the loop
+        # has ended records its progress differently, and a resumed run would number its steps one off.
+        if trainer.global_step == trainer.max_steps:
+            self._save(trainer)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        if trainer.global_step > 0 and self.saved_at != trainer.global_step:  # ended by max_epochs or max_time
+            self._save(trainer)
 
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
         if isinstance(exception, KeyboardInterrupt) and trainer.global_step > 0:
-            trainer.save_checkpoint(self.last)
+            self._save(trainer)
             self.interrupted_at = trainer.global_step
+
+    def _save(self, trainer) -> None:
+        trainer.save_checkpoint(self.last)
+        self.saved_at = trainer.global_step
 
 
 class Throughput(pl.Callback):
@@ -141,8 +157,8 @@ class RunSummary(pl.Callback):
         self.last_train_loss: float | None = None
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
-        self.last_train_loss = float(loss)
+        # The logged loss: the step's mean over all ranks, not this rank's share of the batch.
+        self.last_train_loss = float(trainer.callback_metrics["train_loss"])
 
     @rank_zero_only
     def on_train_end(self, trainer, pl_module) -> None:
@@ -165,7 +181,8 @@ class RunSummary(pl.Callback):
         write_atomically(self.run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
         plot_losses(self.run_dir, self.run_dir / "loss.png")
 
-        table = Table(title=f"run {self.run_dir}", show_header=False)
+        table = Table(title="run summary", show_header=False)
+        table.add_row("run directory", str(self.run_dir))
         for key, value in summary.items():
             table.add_row(key.replace("_", " "), _format(key, value))
         self.console.print(table)

@@ -53,12 +53,16 @@ class Lamb(torch.optim.Optimizer):
 
 
 def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Decay matrices and embeddings; never biases or LayerNorm parameters (vectors), as is standard."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    return [
-        {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
-        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
-    ]
+    """Decay matrices and embeddings; never biases or LayerNorm parameters (vectors), as is standard. Told apart by
+    module and name, not by shape: under FSDP every parameter is a flat (1-d) shard when the optimizer is built."""
+    decay, no_decay, seen = [], [], set()
+    for module in model.modules():
+        for name, p in module.named_parameters(recurse=False):
+            if p.requires_grad and id(p) not in seen:
+                seen.add(id(p))
+                vector = isinstance(module, nn.LayerNorm) or name.endswith("bias")
+                (no_decay if vector else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
 def build_optimizer(

@@ -12,15 +12,8 @@ from rich.console import Console
 
 from perceiver_cli.config import RunConfig, load_run_config, parse_toml, to_toml, validate, apply_overrides
 from perceiver_cli.errors import UserError
-from perceiver_cli.training.run_dir import (
-    RUN_DIR_ENV,
-    launched_run_dir,
-    new_run_dir,
-    process_rank,
-    resume_checkpoint,
-    run_dir_of,
-    write_atomically,
-)
+from perceiver_cli.training.launch import check_layout, detect_launch
+from perceiver_cli.training.run_dir import RUN_DIR_ENV, resume_checkpoint, run_dir_for, run_dir_of, write_atomically
 
 
 def resolve(preset: str, overrides: list[str], resume: str | None, output: Path | None) -> tuple[RunConfig, str, Path | None]:
@@ -89,7 +82,8 @@ def activation_bytes(cfg: RunConfig) -> int:
         per_latent_layer = b * m.num_latents * dl * (10 + 2 * m.encoder.self_attention_widening_factor)
         cross = b * n * c * 6 + b * n * dl  # encoder inputs and keys/values; decoder queries of masked positions
         layers = m.encoder.num_self_attention_layers_per_block * m.encoder.num_self_attention_blocks + 2
-    if m.activation_checkpointing:
+    fsdp = cfg.trainer.fsdp if cfg.trainer.strategy == "fsdp" else None
+    if m.activation_checkpointing or (fsdp is not None and fsdp.activation_checkpointing):
         layers = 2  # roughly one layer's activations live at a time, plus the checkpointed inputs
     return 4 * (cross + layers * per_latent_layer)
 
@@ -104,32 +98,37 @@ def bytes_per_token(datamodule) -> float | None:
 
 def fit(cfg: RunConfig, name: str, checkpoint: Path | None, console: Console) -> Path:
     """Build everything and train; returns the run directory."""
-    quiet_libraries()  # before Lightning is imported: some of its notes come at import time
+    launch = detect_launch()
+    quiet_libraries(launch.rank)  # before Lightning is imported: some of its notes come at import time
     import pytorch_lightning as pl
 
     from perceiver_cli.models.lightning import NonFiniteLossError
     from perceiver_cli.training.build import build_datamodule, build_lit_model, build_trainer
-    from perceiver_cli.training.callbacks import SaveOnInterrupt
+    from perceiver_cli.training.callbacks import LastCheckpoint
 
+    layout_note = check_layout(cfg.trainer, launch)
     pl.seed_everything(cfg.trainer.seed, workers=True, verbose=False)
     datamodule = build_datamodule(cfg)
     lit = build_lit_model(cfg, datamodule.vocab_size)
 
-    run_dir = launched_run_dir(Path(cfg.output.dir), name)
-    if run_dir is None:
-        run_dir = new_run_dir(Path(cfg.output.dir), name) if checkpoint is None else run_dir_of(checkpoint)
-    if process_rank() == 0:
+    run_dir = run_dir_for(Path(cfg.output.dir), name, checkpoint)
+    if launch.rank == 0:
         write_atomically(run_dir / "config.toml", to_toml(cfg))
     params = sum(p.numel() for p in lit.model.parameters())
     console.print(f"[bold]{name}[/]: {cfg.task} model with {params:,} parameters -> {run_dir}", soft_wrap=True)
+    if layout_note:
+        console.print(layout_note)
     if checkpoint is not None:
         console.print(f"resuming from {checkpoint}")
-    with console.status("preparing data (cached after the first run)"):
-        datamodule.prepare_data()
-    console.print(_describe_data(cfg, datamodule), highlight=False, soft_wrap=True)
+    # One process per machine builds the caches, as Lightning's own prepare_data does; the other ranks wait for it
+    # inside trainer.fit and load them in setup().
+    if launch.local_rank == 0:
+        with console.status("preparing data (cached after the first run)"):
+            datamodule.prepare_data()
+        console.print(_describe_data(cfg, datamodule), highlight=False, soft_wrap=True)
 
     trainer = build_trainer(cfg, run_dir, console, bytes_per_token(datamodule), resumed=checkpoint is not None)
-    os.environ[RUN_DIR_ENV] = str(run_dir)  # the ranks Lightning starts (strategy ddp) inherit it
+    os.environ[RUN_DIR_ENV] = str(run_dir)  # the ranks Lightning starts (ddp, fsdp) inherit it
     try:
         trainer.fit(lit, datamodule=datamodule, ckpt_path=str(checkpoint) if checkpoint else None)
     except NonFiniteLossError as err:
@@ -140,7 +139,7 @@ def fit(cfg: RunConfig, name: str, checkpoint: Path | None, console: Console) ->
             hint="lower optimizer.lr, raise scheduler.warmup_steps or set trainer.gradient_clip_val, then resume",
         ) from None
     except SystemExit as exit_:  # Lightning's answer to Ctrl-C: it saved what it could and exits
-        interrupted = next((c for c in trainer.callbacks if isinstance(c, SaveOnInterrupt)), None)
+        interrupted = next((c for c in trainer.callbacks if isinstance(c, LastCheckpoint)), None)
         if interrupted is not None and interrupted.interrupted_at is not None:
             console.print(f"saved step {interrupted.interrupted_at} to {run_dir / 'checkpoints' / 'last.ckpt'}; "
                           f"resume with: perceiver train --preset {name} --resume auto", soft_wrap=True)
@@ -151,9 +150,10 @@ def fit(cfg: RunConfig, name: str, checkpoint: Path | None, console: Console) ->
     return run_dir
 
 
-def quiet_libraries() -> None:
+def quiet_libraries(rank: int) -> None:
     """Keep the console to what matters: Lightning's device banners, data-loader advice and deprecation notes,
-    and the datasets library's per-step progress bars are noise in a training run's output."""
+    and the datasets library's per-step progress bars are noise in a training run's output. Ranks other than 0
+    keep only warnings and errors (Lightning's "Initializing distributed" line would come once per rank)."""
     import datasets
 
     datasets.disable_progress_bars()
@@ -165,6 +165,11 @@ def quiet_libraries() -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
     warnings.filterwarnings("ignore", message=".*number of training batches.*smaller than the logging interval.*")
+    if rank > 0:
+        import pytorch_lightning  # noqa: F401 (its import sets these loggers' levels, so it must come first)
+
+        for name in ("pytorch_lightning", "lightning_fabric"):
+            logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def _describe_data(cfg: RunConfig, datamodule) -> str:
@@ -172,5 +177,7 @@ def _describe_data(cfg: RunConfig, datamodule) -> str:
     d = cfg.data
     source = {"embedded": "embedded corpus", "files": f"files {d.path}", "hub": f"hub {d.name} {d.config_name or ''}"}
     parts = [f"{split} {s['tokens']:,} tokens ({s['chunks']:,} chunks)" for split, s in sizes.items()]
-    steps = math.ceil(sizes["train"]["chunks"] / d.batch_size)
+    t = cfg.trainer
+    processes = (t.devices if isinstance(t.devices, int) else 1) * t.num_nodes  # each takes its share of the chunks
+    steps = math.ceil(math.ceil(sizes["train"]["chunks"] / processes) / d.batch_size)
     return f"data: {source[d.source]}: " + ", ".join(parts) + f"; {steps:,} batches per epoch"

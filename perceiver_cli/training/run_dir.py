@@ -5,6 +5,8 @@
         checkpoints/last.ckpt   the latest state (weights, optimizer, scheduler, step) to resume from
         checkpoints/best.ckpt   the best by validation loss
         tensorboard/  csv/metrics.csv  loss.png  summary.json
+
+A run that torchrun or srun starts is named after its job instead: `torchrun-<rendezvous id>`, `slurm-<job>.<step>`.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import os
 from pathlib import Path
 
 from perceiver_cli.errors import UserError
+from perceiver_cli.training.launch import detect_launch
 
 
 def write_atomically(path: Path, data: str | bytes) -> None:
@@ -45,37 +48,39 @@ RUN_DIR_ENV = "PERCEIVER_RUN_DIR"  # set by rank 0 for the ranks Lightning launc
 
 
 def process_rank() -> int:
-    """This process's global rank in a multi-process run, from the launcher's environment (0 when alone)."""
-    for key in ("RANK", "SLURM_PROCID", "LOCAL_RANK"):
-        if key in os.environ:
-            return int(os.environ[key])
-    return 0
+    """This process's global rank in a multi-process run (0 when alone), as Lightning will number it."""
+    return detect_launch().rank
 
 
-def launched_run_dir(runs_dir: Path, name: str) -> Path | None:
-    """The run directory every rank of a multi-process run shares, where the launch decides it:
-    - ranks that Lightning starts from the `perceiver` command (strategy ddp) take the one rank 0 created;
-    - under torchrun or SLURM, where every rank starts the command by itself, the job's id names it.
-    None for a single process or rank 0 of a Lightning launch: that process creates a new version directory."""
-    if process_rank() > 0 and RUN_DIR_ENV in os.environ:
+def run_dir_for(runs_dir: Path, name: str, checkpoint: Path | None) -> Path:
+    """The run directory of this process, the same on every rank of a multi-process run:
+    - the ranks that Lightning starts from the `perceiver` command take the one rank 0 chose;
+    - a resumed run goes on in its checkpoint's directory (every rank resolves the same checkpoint);
+    - a new run under torchrun or srun, where every rank starts by itself, gets the directory its job names
+      (`torchrun-<rendezvous id>` or `slurm-<job>.<step>`);
+    - otherwise a new `version_N`."""
+    launch = detect_launch()
+    if not launch.external and launch.rank > 0 and RUN_DIR_ENV in os.environ:
         return Path(os.environ[RUN_DIR_ENV])
-    world_size = int(os.environ.get("WORLD_SIZE") or os.environ.get("SLURM_NTASKS") or 1)
-    job = os.environ.get("TORCHELASTIC_RUN_ID") or os.environ.get("SLURM_JOB_ID")
-    if world_size > 1 and job:
-        run_dir = runs_dir / name / f"job-{job}"
-        run_dir.mkdir(parents=True, exist_ok=True)
-        return run_dir
-    return None
+    if checkpoint is not None:
+        return run_dir_of(checkpoint)
+    if launch.world_size == 1:
+        return new_run_dir(runs_dir, name)
+    if launch.job is None:
+        raise UserError(
+            "torchrun was started without a rendezvous id, which names the run directory all ranks share",
+            hint="pass --rdzv-id=<an id unique to this run> (the same on every node), or --standalone on one node",
+        )
+    run_dir = runs_dir / name / launch.job
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return run_dir
 
 
 def resume_checkpoint(resume: str, runs_dir: Path, name: str) -> Path:
-    """The checkpoint `--resume` means: `auto` is the newest version of this run name with a last checkpoint;
-    otherwise a run directory or a checkpoint file."""
+    """The checkpoint `--resume` means: `auto` is the most recently written last checkpoint of this run name (in a
+    version_N, torchrun-* or slurm-* directory); otherwise a run directory or a checkpoint file."""
     if resume == "auto":
-        candidates = sorted(
-            (p for p in (runs_dir / name).glob("version_*/checkpoints/last.ckpt")),
-            key=lambda p: int(p.parent.parent.name.removeprefix("version_")),
-        )
+        candidates = sorted((runs_dir / name).glob("*/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime)
         if not candidates:
             raise UserError(
                 f"--resume auto: no checkpoint to resume under {runs_dir / name}",

@@ -1,0 +1,263 @@
+"""Training on several processes, on this machine's CPU (gloo): DDP through the `perceiver` command (Lightning
+starts the second rank) and through torchrun; FSDP through tests/fsdp_cpu_train.py (Lightning and torch run FSDP
+on CUDA only; that script lifts their refusals); and what needs no processes: launcher detection, run directories,
+the FSDP wrapping policy and the config checks.
+
+Loss tolerance: 2 ranks x batch 4 and 1 process x batch 8 see the same examples at every step (the data module's
+sampler) and average the same gradients, so their losses differ only by float32 rounding (the order of sums):
+measured at most 5e-7 over 6 steps that take the loss from 5.57 to 3.4. The tests allow 1e-5.
+"""
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from cli_runner import run_cli
+from perceiver_cli.checkpoints import load_model
+from perceiver_cli.config import load_run_config
+from perceiver_cli.errors import UserError
+from perceiver_cli.training.launch import check_layout, detect_launch
+from perceiver_cli.training.run_dir import resume_checkpoint, run_dir_for
+
+TESTS = Path(__file__).parent
+LOSS_TOLERANCE = 1e-5
+# A tiny Perceiver AR without randomness in the model or the batches (no dropout, no random windows), so that one
+# process and several see the very same computation. Global batch 8.
+TINY = """
+[model]
+task = "clm"
+num_channels = 32
+num_heads = 4
+max_latents = 16
+num_self_attention_layers = 2
+cross_attention_dropout = 0.0
+
+[data]
+max_seq_len = 64
+batch_size = 8
+
+[optimizer]
+lr = 1e-2
+weight_decay = 0.01
+
+[trainer]
+accelerator = "cpu"
+max_steps = 6
+val_check_interval = 3
+limit_val_batches = 2
+log_every_n_steps = 1
+gradient_clip_val = 0.05  # clips at every step, so that the strategies' clipping is compared too
+"""
+TWO_RANKS = ["--set", "data.batch_size=4", "--set", "trainer.strategy=ddp", "--set", "trainer.devices=2"]
+
+
+def run(*command: str, cwd: Path) -> subprocess.CompletedProcess:
+    result = subprocess.run([sys.executable, *command], cwd=cwd, capture_output=True, text=True, timeout=180)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    return result
+
+
+def train(preset: Path, runs: Path, *args: str, launcher: tuple[str, ...] = ("-m", "perceiver_cli")):
+    return run(*launcher, "train", "--preset", str(preset), "--output", str(runs), *args, cwd=runs.parent)
+
+
+def losses(run_dir: Path, log: str = "csv") -> dict[int, float]:
+    with (run_dir / log / "metrics.csv").open() as f:
+        return {int(row["step"]): float(row["train_loss"]) for row in csv.DictReader(f) if row["train_loss"]}
+
+
+def checkpoint(run_dir: Path, name: str = "last.ckpt") -> dict:
+    return torch.load(run_dir / "checkpoints" / name, weights_only=True)
+
+
+def assert_same_training(run_dir: Path, reference: Path) -> None:
+    """The same losses at every step, and the same weights at the end, as the single-process reference run."""
+    assert losses(run_dir).keys() == losses(reference).keys()
+    for step, loss in losses(reference).items():
+        assert abs(losses(run_dir)[step] - loss) < LOSS_TOLERANCE, step
+    weights, reference_weights = checkpoint(run_dir)["state_dict"], checkpoint(reference)["state_dict"]
+    assert weights.keys() == reference_weights.keys()
+    for name, tensor in reference_weights.items():
+        torch.testing.assert_close(weights[name], tensor, rtol=0, atol=1e-5, msg=name)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> Path:
+    preset = tmp_path_factory.mktemp("preset") / "tiny.toml"
+    preset.write_text(TINY)
+    return preset
+
+
+@pytest.fixture(scope="module")
+def one_process(tiny, tmp_path_factory) -> Path:
+    """The reference: one process, batch 8."""
+    runs = tmp_path_factory.mktemp("one") / "runs"
+    train(tiny, runs)
+    return runs / "tiny" / "version_0"
+
+
+def test_ddp_on_two_processes_trains_like_one_and_resumes_under_torchrun(tiny, one_process, tmp_path):
+    runs = tmp_path / "runs"
+    out = train(tiny, runs, *TWO_RANKS).stdout
+    run_dir = runs / "tiny" / "version_0"
+    assert_same_training(run_dir, one_process)
+    # One run directory, one set of checkpoints, one voice on the console.
+    assert sorted(p.name for p in (runs / "tiny").iterdir()) == ["version_0"]
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["best.ckpt", "last.ckpt"]
+    assert {"config.toml", "summary.json", "loss.png", "csv", "tensorboard"} <= {p.name for p in run_dir.iterdir()}
+    assert out.count("tiny: clm model with") == 1 and out.count("step 3/6") == 1
+    assert "GLOBAL_RANK: 1" not in out
+    assert json.loads((run_dir / "summary.json").read_text())["train_loss"] == pytest.approx(losses(run_dir)[5])
+
+    # torchrun starts both ranks itself; `--resume auto` continues the same run in the same directory.
+    torchrun = ("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "perceiver_cli")
+    out = train(tiny, runs, "--resume", "auto", "--set", "trainer.max_steps=9", launcher=torchrun).stdout
+    assert out.count("resuming from") == 1
+    assert checkpoint(run_dir)["global_step"] == 9
+    assert sorted(p.name for p in (runs / "tiny").iterdir()) == ["version_0"]
+    assert sorted(losses(run_dir, "csv-1")) == [6, 7, 8]
+
+
+def test_each_example_is_trained_on_once_per_epoch(tmp_path):
+    """The union over ranks of one epoch's examples is the training set. 2 ranks split an odd number of examples,
+    so the sampler repeats one (the first of the epoch's order) to give both ranks the same number of steps."""
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "train.txt").write_text("\n\n".join(f"Document {i} is about the number {i * 7}." for i in range(72)))
+    (corpus / "validation.txt").write_text("A short validation document.")
+    preset = tmp_path / "tiny.toml"
+    preset.write_text(TINY.replace("max_steps = 6", "max_epochs = 1").replace("val_check_interval = 3", ""))
+    records = tmp_path / "records"
+    records.mkdir()
+    train(preset, tmp_path / "runs", *TWO_RANKS, "--set", "data.source=files", "--set", f"data.path={corpus}",
+          launcher=(str(TESTS / "recording_train.py"), str(records)))
+    ranks = [json.loads((records / f"rank-{rank}.json").read_text()) for rank in (0, 1)]
+    examples = ranks[0]["examples"]
+    assert examples % 2 == 1  # the case with padding
+    seen = [index for rank in ranks for step in rank["steps"] for index in step]
+    assert len(ranks[0]["steps"]) == len(ranks[1]["steps"])  # the same number of steps on both ranks
+    assert set(seen) == set(range(examples))  # none dropped
+    assert len(seen) == examples + 1  # one repeated, to make the count even
+
+
+def test_fsdp_on_two_cpu_processes_shards_the_attention_layers_and_resumes_on_one(tiny, one_process, tmp_path):
+    runs, report = tmp_path / "runs", tmp_path / "wrapping.json"
+    train(tiny, runs, *TWO_RANKS, launcher=(str(TESTS / "fsdp_cpu_train.py"), str(report)))
+    wrapping = json.loads(report.read_text())
+    layers = ["CrossAttentionLayer", "SelfAttentionLayer", "SelfAttentionLayer"]
+    assert wrapping == {"root": "LitCausalLanguageModel", "sharded": layers, "checkpointed": layers}
+    run_dir = runs / "tiny" / "version_0"
+    assert_same_training(run_dir, one_process)
+    # One consolidated checkpoint file: it loads like any other, with the optimizer's weight-decay groups intact.
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["best.ckpt", "last.ckpt"]
+    assert load_model(run_dir).config.num_self_attention_layers == 2
+    group_sizes = [[len(g["params"]) for g in checkpoint(r)["optimizer_states"][0]["param_groups"]]
+                   for r in (run_dir, one_process)]
+    assert group_sizes[0] == group_sizes[1] and group_sizes[0][0] > 0
+
+    out = train(tiny, runs, "--resume", "auto", "--set", "trainer.strategy=auto", "--set", "trainer.devices=1",
+                "--set", "trainer.max_steps=9").stdout
+    assert "resuming from" in out and checkpoint(run_dir)["global_step"] == 9
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Without processes
+# ---------------------------------------------------------------------------------------------------------------
+
+
+TORCHRUN_ENV = {"TORCHELASTIC_RUN_ID": "abc", "RANK": "3", "LOCAL_RANK": "1", "WORLD_SIZE": "4",
+                "LOCAL_WORLD_SIZE": "2"}
+SLURM_ENV = {"SLURM_NTASKS": "8", "SLURM_NNODES": "2", "SLURM_NTASKS_PER_NODE": "4", "SLURM_PROCID": "5",
+             "SLURM_LOCALID": "1", "SLURM_JOB_ID": "77", "SLURM_STEP_ID": "0", "SLURM_JOB_NAME": "train"}
+
+
+def test_the_launcher_is_read_as_lightning_reads_it():
+    assert detect_launch(TORCHRUN_ENV) == detect_launch(TORCHRUN_ENV | SLURM_ENV)  # torchrun inside SLURM
+    t = detect_launch(TORCHRUN_ENV)
+    assert (t.launcher, t.rank, t.local_rank, t.devices, t.num_nodes, t.job) == ("torchrun", 3, 1, 2, 2, "torchrun-abc")
+    s = detect_launch(SLURM_ENV)
+    assert (s.launcher, s.rank, s.local_rank, s.devices, s.num_nodes, s.job) == ("slurm", 5, 1, 4, 2, "slurm-77.0")
+    # In an interactive SLURM shell the user launches: a rank Lightning started is read from LOCAL_RANK.
+    interactive = detect_launch(SLURM_ENV | {"SLURM_JOB_NAME": "interactive", "LOCAL_RANK": "1"})
+    assert (interactive.launcher, interactive.rank) == ("lightning", 1)
+    assert detect_launch({}).rank == 0 and detect_launch({}).world_size == 1
+
+
+def test_an_external_launcher_decides_devices_and_nodes():
+    cfg, _ = load_run_config("clm-small", ["trainer.devices=8"])
+    note = check_layout(cfg.trainer, detect_launch(SLURM_ENV))
+    assert (cfg.trainer.devices, cfg.trainer.num_nodes) == (4, 2) and "the preset said 8 and 1" in note
+    cfg, _ = load_run_config("clm-small", ["trainer.num_nodes=2"])
+    with pytest.raises(UserError, match="one machine"):
+        check_layout(cfg.trainer, detect_launch({}))
+
+
+def test_ranks_started_by_torchrun_share_a_run_directory_named_by_the_job(tmp_path, monkeypatch):
+    for key, value in TORCHRUN_ENV.items():
+        monkeypatch.setenv(key, value)
+    assert run_dir_for(tmp_path, "x", None) == tmp_path / "x" / "torchrun-abc"
+    (tmp_path / "x" / "torchrun-abc" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "x" / "torchrun-abc" / "checkpoints" / "last.ckpt").write_bytes(b"")
+    assert resume_checkpoint("auto", tmp_path, "x").parent.parent.name == "torchrun-abc"
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "none")  # a static rendezvous without --rdzv-id
+    with pytest.raises(UserError, match="without a rendezvous id") as err:
+        run_dir_for(tmp_path, "x", None)
+    assert "--rdzv-id" in err.value.hint
+
+
+@pytest.mark.parametrize("task", ["clm", "mlm"])
+def test_fsdp_shards_and_checkpoints_exactly_the_attention_layers(task):
+    from perceiver_cli.models.layers import CrossAttentionLayer, SelfAttentionLayer
+    from perceiver_cli.training import distributed
+    from perceiver_cli.training.build import build_lit_model
+
+    cfg, _ = load_run_config(f"{task}-small", ["trainer.strategy=fsdp", "trainer.accelerator=gpu",
+                                               'output.sample_prompt=""', "trainer.fsdp.activation_checkpointing=true"])
+    strategy = distributed.build_strategy(cfg)
+    model = build_lit_model(cfg, 262)
+    layers = {m for m in model.modules() if isinstance(m, (CrossAttentionLayer, SelfAttentionLayer))}
+    assert len(layers) >= 3
+    for policy in (strategy.kwargs["auto_wrap_policy"], strategy._activation_checkpointing_kwargs["auto_wrap_policy"]):
+        assert set(policy._run_policy(model, set(), {})) == layers
+    assert strategy.sharding_strategy.name == "FULL_SHARD" and strategy._state_dict_type == "full"
+    assert distributed.gradient_clip_val(cfg) is None  # clipped by ShardedGradientClipping instead
+    assert [type(c).__name__ for c in distributed.strategy_callbacks(cfg)] == ["ShardedGradientClipping"]
+
+
+@pytest.mark.parametrize(
+    "overrides, problem",
+    [
+        (["trainer.accelerator=cpu"], 'strategy "fsdp" needs CUDA GPUs'),
+        (["model.activation_checkpointing=true"], "trainer.fsdp.activation_checkpointing = true instead"),
+        (['output.sample_prompt="Once"'], "validation samples are not generated"),
+        (['trainer.fsdp.sharding="hybrid_shard"'], "needs the number of devices per node"),
+    ],
+)
+def test_fsdp_settings_that_cannot_work_are_refused(overrides, problem):
+    base = ["trainer.strategy=fsdp", "trainer.accelerator=gpu", 'output.sample_prompt=""']
+    with pytest.raises(UserError, match=problem):
+        load_run_config("clm-small", base + overrides)
+
+
+def test_fsdp_settings_are_inert_under_other_strategies():
+    cfg, _ = load_run_config("clm-small", ["trainer.fsdp.activation_checkpointing=true"])  # a saved FSDP run, resumed
+    assert cfg.trainer.strategy == "auto"
+
+
+def test_c4_preset_builds_from_its_declared_vocabulary(capsys):
+    code, out, _ = run_cli(capsys, "train", "--preset", "clm-c4-fsdp", "--dry-run")
+    assert code in (0, None)
+    assert "453,950,720" in out and 'strategy = "fsdp"' in out and "32,000 (tokenizers/c4-sentencepiece)" in out
+
+
+def test_a_declared_vocabulary_must_match_the_tokenizer_on_disk(capsys, tmp_path):
+    code, _, err = run_cli(capsys, "train", "--preset", "clm-small", "--set", "data.vocab_size=300", "--dry-run")
+    assert code == 2 and "data.vocab_size = 300, but tokenizer utf8 has 262 tokens" in err
+    code, _, err = run_cli(capsys, "train", "--preset", "clm-small", "--output", str(tmp_path),
+                           "--set", "data.vocab_size=300", "--set", "trainer.max_steps=1")
+    assert code == 2 and "data.vocab_size = 300" in err and not (tmp_path / "clm-small").exists()
