@@ -246,3 +246,17 @@ def test_masks_are_built_on_the_inputs_device(monkeypatch):
         model = CausalLanguageModel(tiny_clm_config())
     model(torch.zeros(2, 30, dtype=torch.long, device="meta"), 18)  # outside the context: no default device
     assert "meta" in seen and "cpu" not in seen
+
+
+@pytest.mark.parametrize("case", ["plain", "mask", "causal"])
+def test_cpu_attention_for_unequal_head_widths_matches_sdpa(case):
+    # `attend` computes attention itself on the CPU when query/key and value heads differ in width (faster there
+    # than SDPA's fallback); the numbers must be SDPA's.
+    from perceiver_cli.models.attention import attend, attention_mask
+
+    q, k, v = torch.randn(2, 4, 6, 8), torch.randn(2, 4, 6, 8), torch.randn(2, 4, 6, 20)
+    pad = torch.tensor([[False] * 6, [True, True, False, False, False, False]])
+    mask = attention_mask(pad, 6, 6, causal=True) if case == "mask" else None
+    is_causal = case == "causal"
+    expected = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal)
+    torch.testing.assert_close(attend(q, k, v, mask, is_causal, 0.0), expected, rtol=0, atol=1e-6)

@@ -1,0 +1,210 @@
+"""The benchmark suite: `python -m benchmarks [--quick] [--out DIR]`.
+
+Prints one table and writes `benchmarks.json` and `scaling.png` into the output folder. Every comparison is
+measured side by side in this process: the two sides alternate over several repetitions after a warm-up, and the
+table reports medians. `--quick` runs toy sizes (a smoke test, seconds); the full run takes several minutes on a
+2-core CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from benchmarks import models as bm
+
+RESULTS: list[dict] = []  # one row each: name, ours, theirs, unit, ratio, note
+
+
+def median_seconds(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def side_by_side(ours, theirs, repeats: int, warmup: int = 1) -> tuple[float, float]:
+    """Median seconds of each, alternating ours/theirs so drifts (thermal, other load) hit both alike."""
+    for _ in range(warmup):
+        ours()
+        theirs()
+    a, b = [], []
+    for _ in range(repeats):
+        a.append(median_seconds(ours, 1))
+        b.append(median_seconds(theirs, 1))
+    return statistics.median(a), statistics.median(b)
+
+
+def row(name: str, ours: float, theirs: float | None, unit: str, note: str = "", higher_is_better: bool = True):
+    ratio = None
+    if theirs:
+        ratio = ours / theirs if higher_is_better else theirs / ours
+    RESULTS.append({"name": name, "ours": ours, "theirs": theirs, "unit": unit, "ratio": ratio, "note": note})
+    shown = f"{ratio:.2f}x" if ratio is not None else "-"
+    print(f"  {name}: ours {ours:,.1f} {unit}" + (f", other {theirs:,.1f}" if theirs else "") + f" ({shown})",
+          flush=True)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Rows
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def mlm_rows(sizes: dict) -> None:
+    """Rows 1 and 2: MLM training step and fill-mask forward, ours against transformers' PerceiverForMaskedLM with
+    the same configuration, weights (through the converter's mapping) and batches."""
+    for label, config in sizes["mlm_configs"].items():
+        ours, hf = bm.mlm_pair(config)
+        b, n = sizes["mlm_batch"], config.encoder.max_seq_len
+        batch = bm.mlm_batch(b, n)
+        train_ours, train_hf = bm.mlm_train_steps(ours, hf, batch)
+        s_ours, s_hf = side_by_side(train_ours, train_hf, sizes["repeats"])
+        row(f"MLM train step ({label})", b * n / s_ours, b * n / s_hf, "tok/s", "vs transformers")
+        infer_ours, infer_hf = bm.mlm_fill_mask(ours, hf, batch)
+        s_ours, s_hf = side_by_side(infer_ours, infer_hf, sizes["repeats"])
+        row(f"MLM fill-mask forward ({label})", b * n / s_ours, b * n / s_hf, "tok/s", "vs transformers")
+        RESULTS[-2]["flops_per_token"] = bm.flops(train_ours) / (b * n)
+
+
+def clm_scaling_rows(sizes: dict) -> dict:
+    """Row 3: CLM training step at growing sequence lengths with a fixed latent count, against a decoder-only
+    Transformer of the same width and depth (our own blocks) attending over the whole sequence."""
+    scaling = {"seq_len": [], "ar_s": [], "full_s": [], "ar_mem": [], "full_mem": []}
+    for n in sizes["clm_lengths"]:
+        ar, full = bm.clm_pair(n, sizes["clm_latents"])
+        x = torch.randint(6, 262, (sizes["clm_batch"], n + 1))
+        step_ar, step_full = bm.clm_train_steps(ar, full, x, sizes["clm_latents"])
+        s_ar, s_full = side_by_side(step_ar, step_full, sizes["clm_repeats"])
+        mem_ar, mem_full = bm.activation_bytes(step_ar), bm.activation_bytes(step_full)
+        tokens = sizes["clm_batch"] * n
+        row(f"CLM train step, {n} tokens", tokens / s_ar, tokens / s_full, "tok/s", "vs full attention")
+        row(f"CLM activation memory, {n} tokens", mem_ar / 2**20, mem_full / 2**20, "MiB", "vs full attention",
+            higher_is_better=False)
+        for key, value in (("seq_len", n), ("ar_s", s_ar), ("full_s", s_full), ("ar_mem", mem_ar),
+                           ("full_mem", mem_full)):
+            scaling[key].append(value)
+    first, last = 0, len(scaling["seq_len"]) - 1
+    growth = scaling["seq_len"][last] / scaling["seq_len"][first]
+    row(f"CLM step time growth for {growth:.0f}x length", scaling["ar_s"][last] / scaling["ar_s"][first],
+        None, "x", "Perceiver AR; target <= 1.25x the length growth")
+    return scaling
+
+
+def generation_rows(sizes: dict) -> None:
+    """Row 4: generation tokens/s with the key/value cache against recomputing the window at every token."""
+    model = bm.generation_model(sizes["gen_max_seq_len"], sizes["gen_latents"])
+    for prompt_len in sizes["gen_prompts"]:
+        cached, uncached = bm.generation_runs(model, prompt_len, sizes["gen_new_tokens"])
+        s_cached, s_uncached = side_by_side(cached, uncached, sizes["gen_repeats"], warmup=0)
+        new = sizes["gen_new_tokens"]
+        row(f"generate, {prompt_len}-token prompt", new / s_cached, new / s_uncached, "tok/s", "cache vs none")
+
+
+def mfu_rows(sizes: dict) -> None:
+    """Row 5: model FLOPs utilisation of the MLM training steps against this machine's fp32 matmul peak."""
+    peak = bm.matmul_peak_flops(sizes["peak_n"])
+    row("fp32 matmul peak", peak / 1e9, None, "GFLOP/s", f"{sizes['peak_n']}^3 matmul, measured now")
+    for r in [r for r in RESULTS if "flops_per_token" in r]:
+        achieved = r["flops_per_token"] * r["ours"]  # FLOP/token x token/s
+        row(f"MFU, {r['name']}", 100 * achieved / peak, None, "%", f"{achieved / 1e9:.1f} GFLOP/s")
+
+
+def help_row() -> None:
+    """Row 6: `perceiver --help` wall time in a fresh process."""
+    def run():
+        subprocess.run([sys.executable, "-m", "perceiver_cli", "--help"], check=True, capture_output=True)
+
+    run()
+    row("perceiver --help", median_seconds(run, 5) * 1000, None, "ms", "fresh process; target < 300 ms",
+        higher_is_better=False)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def print_table() -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"perceiver benchmarks ({platform.processor() or platform.machine()}, "
+                        f"{torch.get_num_threads()} threads, torch {torch.__version__})")
+    for column in ("benchmark", "ours", "other", "unit", "ratio", "note"):
+        table.add_column(column, justify="left" if column in ("benchmark", "note", "unit") else "right")
+    for r in RESULTS:
+        table.add_row(r["name"], f"{r['ours']:,.1f}", "-" if r["theirs"] is None else f"{r['theirs']:,.1f}",
+                      r["unit"], "-" if r["ratio"] is None else f"{r['ratio']:.2f}x", r["note"])
+    Console(width=160).print(table)
+
+
+def plot_scaling(scaling: dict, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (time_ax, mem_ax) = plt.subplots(1, 2, figsize=(10, 4))
+    n = scaling["seq_len"]
+    time_ax.plot(n, scaling["ar_s"], "o-", label="Perceiver AR")
+    time_ax.plot(n, scaling["full_s"], "s-", label="full attention")
+    time_ax.set(xlabel="sequence length (tokens)", ylabel="training step (s)", xscale="log", yscale="log")
+    mem_ax.plot(n, [m / 2**20 for m in scaling["ar_mem"]], "o-", label="Perceiver AR")
+    mem_ax.plot(n, [m / 2**20 for m in scaling["full_mem"]], "s-", label="full attention")
+    mem_ax.set(xlabel="sequence length (tokens)", ylabel="activation memory (MiB)", xscale="log", yscale="log")
+    for ax in (time_ax, mem_ax):
+        ax.grid(alpha=0.3, which="both")
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "scaling.png", dpi=100)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="toy sizes: a smoke test that takes seconds")
+    parser.add_argument("--out", type=Path, default=Path("benchmark-results"))
+    parser.add_argument("--only", nargs="*", choices=["mlm", "clm", "generate", "mfu", "help"])
+    args = parser.parse_args()
+    sizes = bm.sizes(quick=args.quick)
+    args.out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(0)
+    wanted = set(args.only or ["mlm", "clm", "generate", "mfu", "help"])
+    started = time.perf_counter()
+    scaling = None
+    with torch.inference_mode(False):
+        if "mlm" in wanted:
+            print("MLM against transformers", flush=True)
+            mlm_rows(sizes)
+        if "clm" in wanted:
+            print("CLM scaling against full attention", flush=True)
+            scaling = clm_scaling_rows(sizes)
+        if "generate" in wanted:
+            print("generation with and without the cache", flush=True)
+            generation_rows(sizes)
+        if "mfu" in wanted:
+            print("model FLOPs utilisation", flush=True)
+            mfu_rows(sizes)
+        if "help" in wanted:
+            help_row()
+    print_table()
+    machine = {"processor": platform.processor(), "machine": platform.machine(), "cpus": os.cpu_count(),
+               "threads": torch.get_num_threads(), "torch": torch.__version__, "quick": args.quick,
+               "seconds": round(time.perf_counter() - started, 1)}
+    (args.out / "benchmarks.json").write_text(json.dumps({"machine": machine, "rows": RESULTS}, indent=2))
+    if scaling:
+        plot_scaling(scaling, args.out)
+    print(f"wrote {args.out}/benchmarks.json" + (" and scaling.png" if scaling else "")
+          + f" in {machine['seconds']} s")
+
+
+if __name__ == "__main__":
+    main()
