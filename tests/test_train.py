@@ -91,15 +91,17 @@ def test_resume_without_a_run_says_what_to_do(capsys, tmp_path):
     assert code == 2 and "no checkpoint to resume" in err
 
 
-def test_trains_on_a_local_text_file(capsys, tmp_path):
+@pytest.mark.parametrize("task", ["clm", "mlm"])
+def test_trains_on_a_local_text_file(task, capsys, tmp_path):
     corpus = tmp_path / "corpus.txt"
     paragraphs = [f"Paragraph {i} tells of a river that ran past {i} quiet houses and a mill." for i in range(200)]
     corpus.write_text("\n\n".join(paragraphs))
     code, out, err = train(
-        capsys, "clm", tmp_path / "runs", "data.source=files", f"data.path={corpus}", "trainer.max_steps=2"
+        capsys, task, tmp_path / "runs", "data.source=files", f"data.path={corpus}", "trainer.max_steps=2"
     )
     assert code in (0, None), err
     assert f"files {corpus}" in out
+    assert (tmp_path / "runs" / f"{task}-small" / "version_0" / "checkpoints" / "last.ckpt").is_file()
 
 
 def test_init_from_an_earlier_run(capsys, tmp_path):

@@ -59,7 +59,7 @@ class LastCheckpoint(pl.Callback):
             self.interrupted_at = trainer.global_step
 
     def _save(self, trainer) -> None:
-        trainer.save_checkpoint(self.last)
+        trainer.save_checkpoint(self.last, weights_only=False)  # the full state: optimizer, scheduler, loops
         self.saved_at = trainer.global_step
 
 
