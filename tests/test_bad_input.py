@@ -115,3 +115,4 @@ def test_bad_input_exits_2_with_one_clear_line(case, workspace, capsys, monkeypa
     assert len(errors) == 1 and fragment.lower() in err.lower(), err  # details may follow on indented lines
     assert "Traceback" not in out + err
     assert not (workspace / "PWNED").exists()  # nothing was unpickled
+    assert not list((workspace / "runs").glob("clm-small/*"))  # a failed start leaves no empty run behind

@@ -111,6 +111,13 @@ def fit(cfg: RunConfig, name: str, checkpoint: Path | None, console: Console) ->
     datamodule = build_datamodule(cfg)
     lit = build_lit_model(cfg, datamodule.vocab_size)
 
+    # One process per machine builds the caches, as Lightning's own prepare_data does; the other ranks wait for it
+    # inside trainer.fit and load them in setup(). Data comes before the run directory: bad data (a missing file,
+    # not UTF-8) must not leave an empty run behind.
+    if launch.local_rank == 0:
+        with console.status("preparing data (cached after the first run)"):
+            datamodule.prepare_data()
+
     run_dir = run_dir_for(Path(cfg.output.dir), name, checkpoint)
     if launch.rank == 0:
         write_atomically(run_dir / "config.toml", to_toml(cfg))
@@ -120,11 +127,7 @@ def fit(cfg: RunConfig, name: str, checkpoint: Path | None, console: Console) ->
         console.print(layout_note)
     if checkpoint is not None:
         console.print(f"resuming from {checkpoint}")
-    # One process per machine builds the caches, as Lightning's own prepare_data does; the other ranks wait for it
-    # inside trainer.fit and load them in setup().
     if launch.local_rank == 0:
-        with console.status("preparing data (cached after the first run)"):
-            datamodule.prepare_data()
         console.print(_describe_data(cfg, datamodule), highlight=False, soft_wrap=True)
 
     trainer = build_trainer(cfg, run_dir, console, bytes_per_token(datamodule), resumed=checkpoint is not None)
