@@ -73,7 +73,11 @@ def test_mlm_batches(text_file):
 def test_loaders_are_deterministic(text_file):
     def first_epochs(dm):
         loader = dm.train_dataloader()
-        return [[b["input_ids"] for b in loader] for _ in range(2)]
+        epochs = []
+        for epoch in range(2):
+            loader.sampler.set_epoch(epoch)  # as Lightning does before each epoch
+            epochs.append([b["input_ids"] for b in loader])
+        return epochs
 
     for task, options in (("clm", {"random_shift": True}), ("mlm", {})):
         a = first_epochs(_module(task, text_file, seed=7, **options))

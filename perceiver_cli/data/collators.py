@@ -49,6 +49,9 @@ class CLMCollator:
         self.min_seq_len = min(min_seq_len, max_seq_len)
         self._randomness = _Randomness(seed)
 
+    def set_epoch(self, epoch: int) -> None:
+        self._randomness.set_epoch(epoch)
+
     def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
         windows = [self._window(torch.as_tensor(example["input_ids"], dtype=torch.long)) for example in examples]
         if self.random_truncation:
@@ -97,6 +100,9 @@ class MLMCollator:
         self.units = WordUnits(tokenizer, whole_words=whole_word_masking)
         self._randomness = _Randomness(seed)
 
+    def set_epoch(self, epoch: int) -> None:
+        self._randomness.set_epoch(epoch)
+
     def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
         inputs, labels = [], []
         for example in examples:
@@ -130,19 +136,25 @@ def _pad_batch(
 
 
 class _Randomness:
-    """A torch.Generator seeded from `seed` on first use, mixed with the distributed rank (DDP ranks draw
-    differently) and, in a DataLoader worker, with the worker's seed.
+    """A torch.Generator seeded from `seed` and the epoch on first use, mixed with the distributed rank (DDP ranks
+    draw differently) and, in a DataLoader worker, with the worker's seed.
 
+    The epoch (see `set_epoch`) makes each epoch's draws depend on the seed and the epoch alone, not on how many
+    batches this process built before: a run resumed mid-training builds the same batches as one that never stopped.
     Why the worker seed: every worker gets a copy of the collator, and non-persistent workers get a fresh copy each
     epoch; seeded from `seed` alone, all workers would draw the same numbers, every epoch. The DataLoader derives
     worker seeds from its own (seeded) generator, different for each worker and each epoch, so masks and offsets
-    differ between workers and epochs yet are reproducible. Without workers the generator is created once and keeps
-    advancing from batch to batch and epoch to epoch."""
+    differ between workers and epochs yet are reproducible."""
 
     def __init__(self, seed: int):
         self.seed = seed
+        self.epoch = 0
         self._generator: torch.Generator | None = None
         self._worker_seed: int | None = None
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        self._generator = None  # reseeded at the next draw
 
     def generator(self) -> torch.Generator:
         worker = torch.utils.data.get_worker_info()
@@ -150,7 +162,7 @@ class _Randomness:
         if self._generator is None or worker_seed != self._worker_seed:
             distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
             rank = torch.distributed.get_rank() if distributed else 0
-            self._generator = torch.Generator().manual_seed(_mix(self.seed, rank, worker_seed))
+            self._generator = torch.Generator().manual_seed(_mix(self.seed, rank, worker_seed, self.epoch))
             self._worker_seed = worker_seed
         return self._generator
 

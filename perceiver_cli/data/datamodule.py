@@ -42,6 +42,35 @@ class ChunkDataset(Dataset):
         return {"input_ids": ids, "index": index}
 
 
+class ResumableLoader(DataLoader):
+    """A DataLoader that knows how far into an epoch it got. Lightning saves `state_dict()` in every checkpoint and
+    hands it back on resume; the loader then starts the epoch where the checkpoint left it, with the batches an
+    uninterrupted run would build next (same order, same masks: see `_Randomness.set_epoch`) instead of starting
+    the epoch over. Exact with `num_workers = 0`; with workers, masks and offsets come from per-worker seeds."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._served = 0  # batches handed out in the current epoch
+        self._skip = 0  # batches to pass over at the start of the next epoch, from a checkpoint
+
+    def __iter__(self):
+        epoch = getattr(self.sampler, "epoch", 0)  # Lightning sets it before each epoch
+        if hasattr(self.collate_fn, "set_epoch"):
+            self.collate_fn.set_epoch(epoch)
+        skip, self._skip, self._served = self._skip, 0, 0
+        for index, batch in enumerate(super().__iter__()):
+            # Skipped batches are still built, so that the collator's draws advance exactly as they did before.
+            if index >= skip:
+                self._served = index + 1
+                yield batch
+
+    def state_dict(self) -> dict:
+        return {"batches": self._served}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._skip = int(state.get("batches", 0))
+
+
 class TextDataModule(pl.LightningDataModule):
     """Training and validation batches for a causal ("clm") or masked ("mlm") language model.
 
@@ -150,7 +179,7 @@ class TextDataModule(pl.LightningDataModule):
         # Lightning reshuffles each epoch through set_epoch (the order is seed + epoch's permutation).
         world, rank = (self.trainer.world_size, self.trainer.global_rank) if self.trainer is not None else (1, 0)
         sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=self.seed)
-        return self._loader(dataset, self._collator(train=True), sampler=sampler)
+        return self._loader(dataset, self._collator(train=True), sampler=sampler, resumable=True)
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(ChunkDataset(self.chunks["validation"]), self._collator(train=False))
@@ -180,8 +209,10 @@ class TextDataModule(pl.LightningDataModule):
         static = self.static_masking or not train
         return MLMCollator(self._tokenizer, **self.mask_options, static_masking=static, seed=self.seed)
 
-    def _loader(self, dataset: Dataset, collator, sampler: DistributedSampler | None = None) -> DataLoader:
-        return DataLoader(
+    def _loader(
+        self, dataset: Dataset, collator, sampler: DistributedSampler | None = None, resumable: bool = False
+    ) -> DataLoader:
+        return (ResumableLoader if resumable else DataLoader)(
             dataset,
             batch_size=self.batch_size,
             sampler=sampler,

@@ -65,6 +65,18 @@ class LitLanguageModel(pl.LightningModule):
         checkpoint[CHECKPOINT_KEY] = checkpoint_metadata(
             self.task, self.model.config, self.run_config, self.tokenizer_spec
         )
+        # Dropout and cross-attention dropout draw from torch's global generator: a resumed run continues its
+        # sequence of draws, as one that never stopped would.
+        checkpoint["rng_states"] = {"cpu": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            checkpoint["rng_states"]["cuda"] = torch.cuda.get_rng_state_all()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        states = checkpoint.get("rng_states", {})
+        if "cpu" in states:
+            torch.set_rng_state(states["cpu"])
+        if "cuda" in states and torch.cuda.is_available() and len(states["cuda"]) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(states["cuda"])
 
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
         loss = self.loss(batch)
