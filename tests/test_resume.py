@@ -22,9 +22,11 @@ TINY = [
 
 
 def start(runs: Path, *options: str) -> subprocess.Popen:
-    args = [sys.executable, "-m", "perceiver_cli", "train", "--preset", "clm-small", "--output", str(runs), *options]
+    """`perceiver train` at tiny size in a subprocess; `options` come last, so their --set overrides win."""
+    args = [sys.executable, "-m", "perceiver_cli", "train", "--preset", "clm-small", "--output", str(runs)]
     for override in TINY:
         args += ["--set", override]
+    args += options
     env = {**os.environ, "PERCEIVER_DEBUG": "0"}
     return subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
 
@@ -74,3 +76,14 @@ def test_killed_and_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(tm
     for name in expected:
         # Same data order, masks, dropout draws and arithmetic: bit for bit, not merely close.
         assert torch.equal(expected[name], resumed[name]), name
+
+
+def test_two_runs_started_at_once_with_one_name_keep_their_own_directories(tmp_path):
+    short = ["--set", "trainer.max_steps=20"]
+    first, second = start(tmp_path, *short), start(tmp_path, *short)
+    assert first.wait(timeout=300) == 0, first.stderr.read()
+    assert second.wait(timeout=300) == 0, second.stderr.read()
+    versions = sorted(p.name for p in (tmp_path / "clm-small").iterdir())
+    assert versions == ["version_0", "version_1"]
+    for version in versions:
+        assert step_of(tmp_path / "clm-small" / version / "checkpoints" / "last.ckpt") == 20
