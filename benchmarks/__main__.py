@@ -75,6 +75,14 @@ def mlm_rows(sizes: dict) -> None:
         s_ours, s_hf = side_by_side(infer_ours, infer_hf, sizes["repeats"])
         row(f"MLM fill-mask forward ({label})", b * n / s_ours, b * n / s_hf, "tok/s", "vs transformers")
         RESULTS[-2]["flops_per_token"] = bm.flops(train_ours) / (b * n)
+        if sizes["compile"] and label == "mlm-small":  # trainer.compile = true: the same step through torch.compile
+            compiled_ours = bm.compiled(ours)
+            train_compiled, _ = bm.mlm_train_steps(compiled_ours, hf, batch)
+            train_compiled()  # compiles (tens of seconds), outside the timing
+            s_ours, s_hf = side_by_side(train_compiled, train_hf, sizes["repeats"])
+            row(f"MLM train step ({label}, compiled)", b * n / s_ours, b * n / s_hf, "tok/s",
+                "trainer.compile vs transformers")
+            RESULTS[-1]["flops_per_token"] = RESULTS[-3]["flops_per_token"]
 
 
 def clm_scaling_rows(sizes: dict) -> dict:

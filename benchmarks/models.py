@@ -40,14 +40,14 @@ def sizes(quick: bool) -> dict:
             "mlm_configs": {"paper, toy": scaled_paper_mlm(64, 32, 8, 64, 1)},
             "clm_lengths": [128, 256], "clm_latents": 32, "clm_batch": 1, "clm_repeats": 2,
             "gen_max_seq_len": 256, "gen_latents": 32, "gen_prompts": [16, 64], "gen_new_tokens": 8, "gen_repeats": 1,
-            "peak_n": 256,
+            "peak_n": 256, "compile": False,
         }
     return {
         "repeats": 5, "mlm_batch": 8,
         "mlm_configs": {"mlm-small": mlm_small, "paper, scaled down": scaled_paper_mlm(1024, 384, 128, 640, 6)},
         "clm_lengths": [1024, 2048, 4096, 8192], "clm_latents": 256, "clm_batch": 1, "clm_repeats": 3,
         "gen_max_seq_len": 4096, "gen_latents": 128, "gen_prompts": [64, 512, 2048], "gen_new_tokens": 128,
-        "gen_repeats": 1, "peak_n": 2048,
+        "gen_repeats": 1, "peak_n": 2048, "compile": True,
     }
 
 
@@ -64,6 +64,14 @@ def mlm_pair(config: MaskedLanguageModelConfig):
     hf = PerceiverForMaskedLM(config_to_hf(config))
     hf.load_state_dict({hf_name(k): v for k, v in ours.model.state_dict().items()}, strict=True)
     return ours.train(), hf.train()
+
+
+def compiled(lit: LitMaskedLanguageModel) -> LitMaskedLanguageModel:
+    """A copy of `lit` that trains through torch.compile, as `trainer.compile = true` does."""
+    twin = LitMaskedLanguageModel.create(lit.model.config)
+    twin.load_state_dict(lit.state_dict())
+    twin.compile_model()
+    return twin.train()
 
 
 def mlm_batch(b: int, n: int, mask_prob: float = 0.15) -> dict:

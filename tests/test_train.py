@@ -1,6 +1,7 @@
 """`perceiver train` end to end on tiny models: run directories, resuming, data sources, failures."""
 
 import json
+import math
 import time
 import tomllib
 
@@ -54,6 +55,10 @@ def test_a_short_run_writes_the_run_directory(task, capsys, tmp_path):
     assert (run / "loss.png").read_bytes()[:4] == b"\x89PNG"
     summary = json.loads((run / "summary.json").read_text())
     assert summary["steps"] == 4 and summary["tokens"] > 0 and summary["val_loss"] > 0
+    if task == "clm":  # one byte per UTF-8 token: bits per byte is the loss in bits
+        assert summary["val_bits_per_byte"] == pytest.approx(summary["val_loss"] / math.log(2))
+    else:  # a masked LM's loss covers the masked tokens only
+        assert summary["val_bits_per_byte"] is None
     assert "tokens per second" in out
     loaded = load_model(run)
     assert loaded.task == task and loaded.run_config["data"]["max_seq_len"] == 64

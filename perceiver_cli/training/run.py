@@ -89,9 +89,10 @@ def activation_bytes(cfg: RunConfig) -> int:
 
 
 def bytes_per_token(datamodule) -> float | None:
-    """UTF-8 bytes per token of the training text, so validation loss converts to bits per byte. The UTF-8
-    tokenizer has one byte per token by construction (special tokens aside)."""
-    if datamodule.tokenizer_spec == "utf8":
+    """UTF-8 bytes per token, so a causal LM's validation loss converts to bits per byte: one with the UTF-8
+    tokenizer (counting each document-separating end-of-text token as one byte, as `perceiver eval` does). None for
+    masked LMs (their loss covers masked tokens only) and other tokenizers (`perceiver eval` measures those)."""
+    if datamodule.task == "clm" and datamodule.tokenizer_spec == "utf8":
         return 1.0
     return None
 
