@@ -31,3 +31,11 @@ def write_run(root: Path, name: str, task: str, model, config, run_config: dict 
     write_checkpoint(run / "checkpoints" / "last.ckpt", task, model, config, run_config=run_config)
     (run / "config.toml").write_text(f'[model]\ntask = "{task}"\n', encoding="utf-8")
     return run
+
+
+def assert_one_error(status: int, err: str, fragment: str, out: str = "") -> None:
+    """A user mistake: exit status 2, exactly one `error:` line, `fragment` in the message, no traceback."""
+    assert status == 2, (status, err)
+    errors = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and fragment.lower() in err.lower(), err  # details may follow on indented lines
+    assert "Traceback" not in out + err

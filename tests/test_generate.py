@@ -22,7 +22,7 @@ from perceiver_cli.generation import (
 from perceiver_cli.models.clm import CausalLanguageModel
 from perceiver_cli.models.mlm import MaskedLanguageModel
 from tiny_models import tiny_clm_config, tiny_mlm_config
-from cli_runner import run_cli, write_run
+from cli_runner import assert_one_error, run_cli, write_run
 
 
 def clm(**overrides) -> CausalLanguageModel:
@@ -350,11 +350,8 @@ def test_generate_bad_input_is_one_error_line_and_exit_2(runs, capsys, monkeypat
     Path("prompt.txt").write_text("x", encoding="utf-8")
     Path("latin1.txt").write_bytes("café".encode("latin-1"))
     Path("empty-runs").mkdir()
-    status, _, err = run_cli(capsys, *args, stdin=b"\n", monkeypatch=monkeypatch)
-    assert status == 2
-    [error] = [line for line in err.splitlines() if line.startswith("error: ")]
-    assert message in error
-    assert "Traceback" not in err
+    status, out, err = run_cli(capsys, *args, stdin=b"\n", monkeypatch=monkeypatch)
+    assert_one_error(status, err, message, out)
 
 
 def test_generate_without_any_run_says_how_to_train_one(tmp_path, capsys, monkeypatch):
