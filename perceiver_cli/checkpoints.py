@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from perceiver_cli.errors import UserError
+from perceiver_cli.errors import UserError, first_line
 
 TASK_NAMES = {"clm": "causal language model (Perceiver AR)", "mlm": "masked language model (Perceiver IO)"}
 CHECKPOINT_KEY = "perceiver"  # our metadata inside a Lightning checkpoint and a safetensors header
@@ -184,22 +184,40 @@ def _from_metadata(meta: dict[str, Any], state_dict: dict[str, Any], source: Pat
     return LoadedModel(task, model, config, meta.get("tokenizer", "utf8"), meta.get("run_config"), source)
 
 
-def _load_lightning_checkpoint(path: Path) -> LoadedModel:
+def safe_torch_load(path: Path, what: str = "checkpoint"):
+    """`torch.load` that never runs code: tensors and plain data only. Every failure is a UserError."""
     import pickle
 
     import torch
 
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # a corrupt file can make the unpickler raise almost anything
         # Code runs from a pickle through a GLOBAL (a callable it names): that is what torch's safe loader refused.
         if isinstance(err, pickle.UnpicklingError) and "GLOBAL" in str(err):
             raise UserError(
                 f"refusing to load {path}: it holds pickled Python objects, which could run code when loaded"
                 f"{_unsupported_global(err)}",
-                hint="only checkpoints of tensors and plain data load; re-save the weights with perceiver or safetensors",
+                hint="only files of tensors and plain data load; re-save the weights with perceiver or safetensors",
             ) from None
-        raise UserError(f"cannot read checkpoint {path}: the file is truncated or not a PyTorch checkpoint") from None
+        raise UserError(f"cannot read {what} {path}: the file is truncated or not a PyTorch {what}") from None
+
+
+def read_safetensors(path: Path) -> tuple[dict[str, Any], dict[str, str]]:
+    """Tensors and metadata of a safetensors file; a truncated or foreign file is a UserError."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+        return load_file(str(path)), metadata
+    except (SafetensorError, OSError) as err:
+        raise UserError(f"cannot read {path}: {first_line(err)} (truncated or not a safetensors file?)") from None
+
+
+def _load_lightning_checkpoint(path: Path) -> LoadedModel:
+    checkpoint = safe_torch_load(path)
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
         raise UserError(f"{path} is not a Lightning checkpoint (no state_dict)")
     prefix = "model."
@@ -208,16 +226,9 @@ def _load_lightning_checkpoint(path: Path) -> LoadedModel:
 
 
 def _load_safetensors(path: Path) -> LoadedModel:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file, safe_open
-
+    state_dict, metadata = read_safetensors(path)
     try:
-        with safe_open(str(path), framework="pt") as f:
-            header = f.metadata() or {}
-        state_dict = load_file(str(path))
-        meta = json.loads(header[CHECKPOINT_KEY])
-    except (SafetensorError, OSError) as err:
-        raise UserError(f"cannot read {path}: {_first_line(err)} (truncated or not a safetensors file?)") from None
+        meta = json.loads(metadata[CHECKPOINT_KEY])
     except (KeyError, json.JSONDecodeError):
         raise UserError(f"{path} has no perceiver model description in its metadata") from None
     return _from_metadata(meta, state_dict, path)
@@ -230,7 +241,3 @@ def _unsupported_global(err: Exception) -> str:
     match = re.search(r"GLOBAL ([\w.]+)", str(err))
     return f" ({match.group(1)})" if match else ""
 
-
-def _first_line(err: Exception) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__

@@ -12,3 +12,9 @@ class UserError(Exception):
         super().__init__(message)
         self.message = message
         self.hint = hint
+
+
+def first_line(err: BaseException) -> str:
+    """The first line of an exception's message (library messages can run to paragraphs), or its type's name."""
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__

@@ -7,7 +7,7 @@ tokenizer needs no files at all, so it is constructed directly.
 
 from pathlib import Path
 
-from perceiver_cli.errors import UserError
+from perceiver_cli.errors import UserError, first_line
 
 UTF8 = "utf8"
 _UTF8_ALIASES = {"utf8", "utf-8"}
@@ -57,11 +57,7 @@ def _load_local(spec: str):
         return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     except Exception as e:  # transformers raises OSError, ValueError, KeyError, ... for unusable directories
         raise UserError(
-            f"tokenizer {spec!r} could not be loaded ({type(e).__name__}: {_first_line(e)}): "
+            f"tokenizer {spec!r} could not be loaded ({type(e).__name__}: {first_line(e)}): "
             "use 'utf8' or a path to a local Hugging Face tokenizer directory (one written by save_pretrained)"
         ) from e
 
-
-def _first_line(e: Exception) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else "no details"

@@ -40,10 +40,6 @@ class Rotary:
         """Select positions: `rotary[:, :, a:b]` slices the position axis of both tables."""
         return Rotary(self.cos[index], self.sin[index])
 
-    @staticmethod
-    def cat(parts: list["Rotary"]) -> "Rotary":
-        return Rotary(torch.cat([p.cos for p in parts], dim=2), torch.cat([p.sin for p in parts], dim=2))
-
     def gather(self, index: torch.Tensor) -> "Rotary":
         """Select per-example positions: `index` is (B, K)."""
         b, dim = index.shape[0], self.cos.shape[-1]

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from perceiver_cli.errors import UserError
+from perceiver_cli.errors import UserError, first_line
 
 CONFIG_FILE = "config.json"
 SAFETENSORS_FILE = "model.safetensors"
@@ -34,7 +34,7 @@ def read_config(directory: Path) -> dict[str, Any]:
     try:
         config = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise UserError(f"cannot read {path}: {_first_line(err)}") from None
+        raise UserError(f"cannot read {path}: {first_line(err)}") from None
     if not isinstance(config, dict) or "model_type" not in config:
         raise UserError(f"{path} has no model_type, so the kind of model is unknown", hint="is it a model's config?")
     return config
@@ -55,7 +55,7 @@ def _read_sharded(index_path: Path) -> dict[str, Any]:
         weight_map = json.loads(index_path.read_text(encoding="utf-8"))["weight_map"]
         shards = sorted(set(weight_map.values()))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as err:
-        raise UserError(f"cannot read the shard index {index_path}: {_first_line(err)}") from None
+        raise UserError(f"cannot read the shard index {index_path}: {first_line(err)}") from None
     tensors: dict[str, Any] = {}
     for shard in shards:
         tensors.update(_read_weights_file(index_path.parent / shard))
@@ -63,26 +63,13 @@ def _read_sharded(index_path: Path) -> dict[str, Any]:
 
 
 def _read_weights_file(path: Path) -> dict[str, Any]:
-    if path.suffix == ".safetensors":
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
-        try:
-            return load_file(str(path))
-        except (SafetensorError, OSError) as err:
-            raise UserError(f"cannot read {path}: {_first_line(err)} (truncated or not a safetensors file?)") from None
-
-    import pickle
-
     import torch
 
-    try:
-        # weights_only: a pickle can run code when loaded; only tensors and plain containers are accepted.
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        raise UserError(f"refusing to load {path}: it holds pickled Python objects ({_first_line(err)})") from None
-    except (RuntimeError, EOFError, OSError, ValueError) as err:
-        raise UserError(f"cannot read {path}: {_first_line(err)} (truncated or not a PyTorch weights file?)") from None
+    from perceiver_cli.checkpoints import read_safetensors, safe_torch_load
+
+    if path.suffix == ".safetensors":
+        return read_safetensors(path)[0]
+    state = safe_torch_load(path, what="weights file")
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise UserError(f"{path} is not a state dict (a mapping of names to tensors)")
     return state
@@ -96,7 +83,7 @@ def tokenizer_spec(directory: Path) -> str | None:
         try:
             tokenizer_class = json.loads(config_path.read_text(encoding="utf-8")).get("tokenizer_class")
         except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError) as err:
-            raise UserError(f"cannot read {config_path}: {_first_line(err)}") from None
+            raise UserError(f"cannot read {config_path}: {first_line(err)}") from None
         if tokenizer_class == "PerceiverTokenizer":
             return "utf8"
     if any((directory / name).is_file() for name in TOKENIZER_FILES):
@@ -156,7 +143,3 @@ def atomic_directory(target: Path, force: bool) -> Iterator[Path]:
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 
-
-def _first_line(err: Exception) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
