@@ -73,8 +73,6 @@ def test_loss_of_the_first_window_is_the_models_loss_on_it():
 # --- the command ---------------------------------------------------------------------------------------------------
 
 
-
-
 @pytest.fixture
 def runs(tmp_path, monkeypatch):
     """A clm run trained (in its preset) on corpus.txt, an mlm run on the embedded corpus, and other.txt."""
@@ -95,8 +93,6 @@ def runs(tmp_path, monkeypatch):
     mlm_config = tiny_mlm_config()
     write_run(tmp_path, "mlm-tiny", "mlm", MaskedLanguageModel(mlm_config), mlm_config, {"model": {"task": "mlm"}})
     return tmp_path
-
-
 
 
 CLM = "runs/clm-tiny/version_0"

@@ -76,8 +76,6 @@ def test_decoding_only_the_masked_positions_gives_the_full_pass_scores():
 # --- the command ---------------------------------------------------------------------------------------------------
 
 
-
-
 @pytest.fixture
 def runs(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
@@ -87,8 +85,6 @@ def runs(tmp_path, monkeypatch):
     clm_config = tiny_clm_config()
     write_run(tmp_path, "clm-tiny", "clm", CausalLanguageModel(clm_config), clm_config)
     return tmp_path
-
-
 
 
 def test_json_has_the_pipelines_shape(runs, capsys):

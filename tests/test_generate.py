@@ -251,8 +251,6 @@ def test_streamed_pieces_add_up_to_the_returned_text():
 # --- the command ---------------------------------------------------------------------------------------------------
 
 
-
-
 @pytest.fixture
 def runs(tmp_path, monkeypatch):
     """A working directory with a clm run and an mlm run."""
@@ -264,8 +262,6 @@ def runs(tmp_path, monkeypatch):
     mlm_config = tiny_mlm_config()
     write_run(tmp_path, "mlm-tiny", "mlm", MaskedLanguageModel(mlm_config), mlm_config)
     return tmp_path
-
-
 
 
 def test_generate_streams_text_and_reports_timing_on_stderr(runs, capsys):
