@@ -11,7 +11,8 @@ Then half of the latents join the prefix at once and, when the prefix is full, i
 
 The key/value cache makes each new token cost one latent's computation instead of a forward pass over the window,
 and it is exact: while latents are added, the cached keys and values are what a full pass computes; when latents
-join the prefix or tokens leave, one full pass over the new window rebuilds the cache. `use_cache=False` runs the
+join the prefix or tokens leave, one pass rebuilds the cache: over the latents and the tokens that joined the prefix
+when the window grew in place (the older prefix keeps its keys and values), over the whole window when it slid. `use_cache=False` runs the
 full pass at every step over the same windows, and so produces the same tokens.
 
 Shapes: B sequences, n window length, V vocabulary.
@@ -26,7 +27,14 @@ from dataclasses import dataclass
 import torch
 
 from perceiver_cli.errors import UserError
-from perceiver_cli.models.clm import CausalLanguageModel, CausalLanguageModelConfig, Window, first_window, next_window
+from perceiver_cli.models.clm import (
+    CausalLanguageModel,
+    CausalLanguageModelConfig,
+    Window,
+    first_window,
+    next_window,
+    reusable_prefix,
+)
 
 # ---------------------------------------------------------------------------------------------------------------
 # Settings
@@ -167,13 +175,15 @@ class PerceiverARDecoder:
     @torch.inference_mode()
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         """Append `tokens` (B,) to the window and return the logits (B, V) of the token after them."""
-        self.window, fresh = next_window(self.window, self.model.config)
+        old_window = self.window
+        self.window, fresh = next_window(old_window, self.model.config)
         self.tokens = torch.cat([self.tokens, tokens[:, None]], dim=1)[:, -self.window.length :]
         if not self.use_cache:
             return self.model(self.tokens, self.prefix_len)[:, -1]
-        if fresh:  # latents joined the prefix or tokens left the window: rebuild the cache with one full pass
-            self.cache = self.model.empty_cache()
-            return self.model(self.tokens, self.prefix_len, cache=self.cache)[:, -1]
+        if fresh:  # latents joined the prefix or tokens left the window: rebuild what the cache cannot keep
+            kept = reusable_prefix(old_window, self.window)
+            self.cache.keep_prefix(kept)
+            return self.model(self.tokens[:, kept:], self.prefix_len - kept, cache=self.cache)[:, -1]
         return self.model(tokens[:, None], 0, cache=self.cache)[:, -1]
 
 

@@ -103,6 +103,29 @@ def test_cache_is_exact_in_every_phase(abs_pos_emb):
     assert max(prefix_lens) > 15 and max(lengths) == 48  # latents joined the prefix and the window filled up
 
 
+def test_a_rebuild_recomputes_only_what_moved(monkeypatch):
+    # Latents joining the prefix of a window that grows in place keep the older prefix's keys and values: the
+    # rebuild runs over the latents and the tokens that joined the prefix. Once the window slides, every position
+    # moved and the rebuild runs over the whole window. (That the rebuilt cache is exact is the test above.)
+    model = clm()  # max_seq_len 48, max_latents 12
+    fed = []
+    forward = model.forward
+    monkeypatch.setattr(model, "forward", lambda x, *args, **kwargs: fed.append(x.shape[1]) or forward(x, *args,
+                                                                                                       **kwargs))
+    decoder = PerceiverARDecoder(model, torch.tensor(prompt_of(20)), 12, batch_size=1, use_cache=True)
+    logits = decoder.start()
+    rebuilds = []
+    for _ in range(60):
+        before = decoder.window
+        logits = decoder.step(logits.argmax(dim=-1))
+        if fed[-1] > 1:
+            rebuilds.append((before, decoder.window, fed[-1]))
+    in_place = [n for old, new, n in rebuilds if new.length == old.length + 1]
+    slid = [(new.length, n) for old, new, n in rebuilds if new.length <= old.length]
+    assert in_place and all(n == 12 + 1 for n in in_place)  # the 12 latents before, plus the new token
+    assert slid and all(n == length for length, n in slid)
+
+
 @pytest.mark.parametrize("max_latents", [12, 48])  # 48: no prefix at all, the window of latents slides
 def test_cache_stays_bounded_and_generation_runs_past_max_seq_len(max_latents):
     model = clm(max_latents=max_latents)  # max_seq_len 48

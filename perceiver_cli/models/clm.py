@@ -152,6 +152,16 @@ def next_window(window: Window, config: CausalLanguageModelConfig) -> tuple[Wind
     return Window(length, min(length, max(1, config.max_latents - room))), True
 
 
+def reusable_prefix(old: Window, new: Window) -> int:
+    """How many positions of a cache built for window `old` stay exact in the fresh window `new` that follows it.
+
+    When the window grew in place (latents joined the prefix, nothing left), the old prefix keeps its positions and
+    its keys and values: a rebuild computes only the positions from there on, the latents and the tokens that just
+    joined the prefix. When the window slid, every position moved and nothing is reusable.
+    """
+    return old.prefix_len if new.length == old.length + 1 else 0
+
+
 def latent_chunk(max_latents: int) -> int:
     return max(1, max_latents // 2)
 

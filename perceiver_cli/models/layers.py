@@ -5,6 +5,7 @@ their MLPs. Shapes: B batch, N positions, C channels.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -18,6 +19,11 @@ def run_layer(layer: nn.Module, *args, checkpointed: bool = False, **kwargs) -> 
     return layer(*args, **kwargs)
 
 
+def dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+    """Residual dropout; a no-op costs nothing (a cached generation step makes ten of these calls per token)."""
+    return F.dropout(x, p, training=True) if training and p > 0.0 else x
+
+
 class MLP(nn.Module):
     """LayerNorm -> Linear (widen) -> GELU -> Linear."""
 
@@ -25,11 +31,10 @@ class MLP(nn.Module):
         super().__init__()
         self.norm = nn.LayerNorm(num_channels)
         self.fc1 = nn.Linear(num_channels, widening_factor * num_channels, bias=bias)
-        self.act = nn.GELU()
         self.fc2 = nn.Linear(widening_factor * num_channels, num_channels, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.act(self.fc1(self.norm(x))))
+        return self.fc2(F.gelu(self.fc1(self.norm(x))))  # exact (erf) GELU, as in the paper and transformers
 
 
 class CrossAttentionLayer(nn.Module):
@@ -70,7 +75,7 @@ class CrossAttentionLayer(nn.Module):
         )
         self.attention_residual = attention_residual
         self.mlp = MLP(num_q_input_channels, widening_factor, bias=mlp_bias)
-        self.residual_dropout = nn.Dropout(residual_dropout)
+        self.residual_dropout = residual_dropout
 
     def forward(
         self,
@@ -93,9 +98,9 @@ class CrossAttentionLayer(nn.Module):
         else:
             kv = self.kv_norm(x_kv)
         attended = self.attention(q, kv, pad_mask=pad_mask, rotary_q=rotary_q, rotary_k=rotary_k, cache=cache)
-        attended = self.residual_dropout(attended)
+        attended = dropout(attended, self.residual_dropout, self.training)
         x = x_q + attended if self.attention_residual else attended
-        return x + self.residual_dropout(self.mlp(x))
+        return x + dropout(self.mlp(x), self.residual_dropout, self.training)
 
 
 class SelfAttentionLayer(nn.Module):
@@ -131,7 +136,7 @@ class SelfAttentionLayer(nn.Module):
             out_bias=out_bias,
         )
         self.mlp = MLP(num_channels, widening_factor, bias=mlp_bias)
-        self.residual_dropout = nn.Dropout(residual_dropout)
+        self.residual_dropout = residual_dropout
 
     def forward(
         self,
@@ -141,10 +146,9 @@ class SelfAttentionLayer(nn.Module):
         cache: KVCache | None = None,
     ) -> torch.Tensor:
         h = self.norm(x)
-        x = x + self.residual_dropout(
-            self.attention(h, h, pad_mask=pad_mask, rotary_q=rotary, rotary_k=rotary, cache=cache)
-        )
-        return x + self.residual_dropout(self.mlp(x))
+        attended = self.attention(h, h, pad_mask=pad_mask, rotary_q=rotary, rotary_k=rotary, cache=cache)
+        x = x + dropout(attended, self.residual_dropout, self.training)
+        return x + dropout(self.mlp(x), self.residual_dropout, self.training)
 
 
 class SelfAttentionBlock(nn.Module):

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from perceiver_cli.models.attention import KVCache, Rotary
+from perceiver_cli.models.attention import KVCache, Rotary, RotaryTable
 from perceiver_cli.models.layers import CrossAttentionLayer, SelfAttentionBlock, run_layer
 from perceiver_cli.models.perceiver_io import offloaded
 
@@ -50,6 +50,14 @@ class PerceiverARCache:
         """Cached latent positions: the self-attention layers see the latents only."""
         return len(self.self_attention[0]) if self.self_attention else 0
 
+    def keep_prefix(self, length: int) -> None:
+        """Keep the cross-attention's first `length` positions, all of them prefix, and forget every latent."""
+        if length > len(self) - self.num_latents:
+            raise ValueError(f"only {len(self) - self.num_latents} cached positions are prefix, not {length}")
+        self.cross_attention.truncate(length)
+        for kv_cache in self.self_attention:
+            kv_cache.truncate(0)
+
 
 class PerceiverAR(nn.Module):
     def __init__(self, config: PerceiverARConfig, num_channels: int, num_rotary_channels_per_head: int):
@@ -57,6 +65,7 @@ class PerceiverAR(nn.Module):
         if num_channels % config.num_heads:
             raise ValueError(f"num_channels ({num_channels}) must be divisible by num_heads ({config.num_heads})")
         self.num_rotary_channels = num_rotary_channels_per_head
+        self.rotary_table = RotaryTable(num_rotary_channels_per_head)
         self.cross_attention_dropout = config.cross_attention_dropout
         self.activation_checkpointing = config.activation_checkpointing
         self.activation_offloading = config.activation_offloading
@@ -106,7 +115,8 @@ class PerceiverAR(nn.Module):
         `pad_mask` (True = padding, left padding) covers the cached positions followed by the N new ones. With a
         `cache`, the cached positions are attended to as well and the new ones are added to it.
         """
-        rotary = Rotary.at(positions, self.num_rotary_channels, dtype=x.dtype)  # (B, 1, N, r)
+        num_positions = x.shape[1] + (0 if cache is None else len(cache))  # every position is below this
+        rotary = self.rotary_table.at(positions, num_positions, x.dtype)  # (B, 1, N, r)
         x_prefix, x_latent = x[:, :prefix_len], x[:, prefix_len:]
         rotary_k, rotary_latent = rotary, rotary[:, :, prefix_len:]
         num_latents = x_latent.shape[1]

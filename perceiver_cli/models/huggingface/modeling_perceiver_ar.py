@@ -9,8 +9,8 @@ its oldest tokens leave the window. `generate()` carries the window from step to
 (`_update_model_kwargs_for_generation`).
 
 With `use_cache=False` every step is a full forward pass over the window. With the cache (the default) a step
-computes one latent, and a full pass over the new window rebuilds the cache whenever latents join the prefix or
-tokens leave: both give the same logits.
+computes one latent, and whenever latents join the prefix or tokens leave, one pass rebuilds what the cache cannot
+keep (see `perceiver_cli.models.clm.reusable_prefix`): both give the same logits.
 
 This module imports only the backend and transformers: `remote_code.py` concatenates it with the backend modules
 into the self-contained modeling file of `perceiver convert --to hf --remote-code`. It registers nothing; see
@@ -28,7 +28,14 @@ from transformers import GenerationMixin, PreTrainedConfig, PreTrainedModel
 from transformers import initialization as init
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from perceiver_cli.models.clm import CausalLanguageModel, CausalLanguageModelConfig, Window, first_window, next_window
+from perceiver_cli.models.clm import (
+    CausalLanguageModel,
+    CausalLanguageModelConfig,
+    Window,
+    first_window,
+    next_window,
+    reusable_prefix,
+)
 from perceiver_cli.models.perceiver_ar import PerceiverARCache
 
 
@@ -155,6 +162,7 @@ class PerceiverARForCausalLM(PreTrainedModel, GenerationMixin):
         """The forward inputs of one step: the window and its prefix length, or, with a cache that stays valid,
         the newest token. `num_latents` (the user's) sets the first window; `window` is the previous step's."""
         config = self.config.backend_config()
+        old_window = window
         if window is None:
             window, fresh = first_window(input_ids.shape[1], config, num_latents), True
         else:
@@ -164,8 +172,13 @@ class PerceiverARForCausalLM(PreTrainedModel, GenerationMixin):
         whole_window = {"input_ids": input_ids[:, -window.length :], "prefix_len": window.prefix_len}
         if not use_cache:
             return inputs | whole_window
-        if fresh or cache is None:  # the prompt, or latents joined the prefix: one full pass fills a new cache
+        if cache is None or old_window is None:  # the prompt: one full pass fills a new cache
             return inputs | whole_window | {"cache": self.model.empty_cache()}
+        if fresh:  # latents joined the prefix or tokens left: recompute what the cache cannot keep
+            kept = reusable_prefix(old_window, window)
+            cache.keep_prefix(kept)
+            rest = {"input_ids": input_ids[:, -window.length + kept :], "prefix_len": window.prefix_len - kept}
+            return inputs | rest | {"cache": cache}
         if next_sequence_length not in (None, 1):
             raise ValueError("Perceiver AR's cache takes one new token per step; generate with use_cache=False")
         return inputs | {"input_ids": input_ids[:, -1:], "prefix_len": 0, "cache": cache}
