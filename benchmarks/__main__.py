@@ -34,15 +34,20 @@ def median_seconds(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
-def side_by_side(ours, theirs, repeats: int, warmup: int = 1) -> tuple[float, float]:
-    """Median seconds of each, alternating ours/theirs so drifts (thermal, other load) hit both alike."""
+def side_by_side(ours, theirs, repeats: int, warmup: int = 2) -> tuple[float, float]:
+    """Median seconds of each, alternating the two (and which goes first) so that drifts of this shared machine
+    (other load, caches, clock) hit both alike."""
     for _ in range(warmup):
         ours()
         theirs()
     a, b = [], []
-    for _ in range(repeats):
-        a.append(median_seconds(ours, 1))
-        b.append(median_seconds(theirs, 1))
+    for i in range(repeats):
+        if i % 2:
+            b.append(median_seconds(theirs, 1))
+            a.append(median_seconds(ours, 1))
+        else:
+            a.append(median_seconds(ours, 1))
+            b.append(median_seconds(theirs, 1))
     return statistics.median(a), statistics.median(b)
 
 
@@ -63,44 +68,50 @@ def row(name: str, ours: float, theirs: float | None, unit: str, note: str = "",
 
 def mlm_rows(sizes: dict) -> None:
     """Rows 1 and 2: MLM training step and fill-mask forward, ours against transformers' PerceiverForMaskedLM with
-    the same configuration, weights (through the converter's mapping) and batches."""
-    for label, config in sizes["mlm_configs"].items():
-        ours, hf = bm.mlm_pair(config)
-        b, n = sizes["mlm_batch"], config.encoder.max_seq_len
-        batch = bm.mlm_batch(b, n)
-        train_ours, train_hf = bm.mlm_train_steps(ours, hf, batch)
-        s_ours, s_hf = side_by_side(train_ours, train_hf, sizes["repeats"])
-        row(f"MLM train step ({label})", b * n / s_ours, b * n / s_hf, "tok/s", "vs transformers")
-        infer_ours, infer_hf = bm.mlm_fill_mask(ours, hf, batch)
-        s_ours, s_hf = side_by_side(infer_ours, infer_hf, sizes["repeats"])
-        row(f"MLM fill-mask forward ({label})", b * n / s_ours, b * n / s_hf, "tok/s", "vs transformers")
-        RESULTS[-2]["flops_per_token"] = bm.flops(train_ours) / (b * n)
-        if sizes["compile"] and label == "mlm-small":  # trainer.compile = true: the same step through torch.compile
-            compiled_ours = bm.compiled(ours)
-            train_compiled, _ = bm.mlm_train_steps(compiled_ours, hf, batch)
-            train_compiled()  # compiles (tens of seconds), outside the timing
-            s_ours, s_hf = side_by_side(train_compiled, train_hf, sizes["repeats"])
-            row(f"MLM train step ({label}, compiled)", b * n / s_ours, b * n / s_hf, "tok/s",
-                "trainer.compile vs transformers")
-            RESULTS[-1]["flops_per_token"] = RESULTS[-3]["flops_per_token"]
+    the same configuration, weights (through the converter's mapping), batches and precision: fp32, and bfloat16
+    autocast (`trainer.precision = "bf16-mixed"`) where this CPU multiplies bfloat16 faster than fp32."""
+    for precision in sizes["precisions"]:
+        suffix = "" if precision == "32" else f", {precision}"
+        for label, (config, b) in sizes["mlm_configs"].items():
+            ours, hf = bm.mlm_pair(config)
+            n = config.encoder.max_seq_len
+            batch = bm.mlm_batch(b, n)
+            train_ours, train_hf = bm.mlm_train_steps(ours, hf, batch, precision)
+            s_ours, s_hf = side_by_side(train_ours, train_hf, sizes["repeats"])
+            row(f"MLM train step ({label}{suffix})", b * n / s_ours, b * n / s_hf, "tok/s", "vs transformers")
+            RESULTS[-1] |= {"flops_per_token": bm.flops(train_ours) / (b * n), "precision": precision}
+            infer_ours, infer_hf = bm.mlm_fill_mask(ours, hf, batch, precision)
+            s_ours, s_hf = side_by_side(infer_ours, infer_hf, sizes["repeats"])
+            row(f"MLM fill-mask forward ({label}{suffix})", b * n / s_ours, b * n / s_hf, "tok/s", "vs transformers")
+            if sizes["compile"] and label == "mlm-small" and precision == "32":  # trainer.compile = true
+                compiled_ours = bm.compiled(ours)
+                train_compiled, _ = bm.mlm_train_steps(compiled_ours, hf, batch)
+                train_compiled()  # compiles (tens of seconds), outside the timing
+                s_ours, s_hf = side_by_side(train_compiled, train_hf, sizes["repeats"])
+                row(f"MLM train step ({label}, compiled)", b * n / s_ours, b * n / s_hf, "tok/s",
+                    "trainer.compile vs transformers")
+                RESULTS[-1] |= {"flops_per_token": RESULTS[-3]["flops_per_token"], "precision": precision}
 
 
 def clm_scaling_rows(sizes: dict) -> dict:
     """Row 3: CLM training step at growing sequence lengths with a fixed latent count, against a decoder-only
     Transformer of the same width and depth (our own blocks) attending over the whole sequence."""
-    scaling = {"seq_len": [], "ar_s": [], "full_s": [], "ar_mem": [], "full_mem": []}
+    scaling = {key: [] for key in ("seq_len", "ar_s", "full_s", "ar_act", "full_act", "ar_peak", "full_peak")}
     for n in sizes["clm_lengths"]:
         ar, full = bm.clm_pair(n, sizes["clm_latents"])
         x = torch.randint(6, 262, (sizes["clm_batch"], n + 1))
         step_ar, step_full = bm.clm_train_steps(ar, full, x, sizes["clm_latents"])
         s_ar, s_full = side_by_side(step_ar, step_full, sizes["clm_repeats"])
-        mem_ar, mem_full = bm.activation_bytes(step_ar), bm.activation_bytes(step_full)
+        act_ar, act_full = bm.activation_bytes(step_ar), bm.activation_bytes(step_full)
+        peak_ar, peak_full = peak_memory("ar", n, sizes), peak_memory("full", n, sizes)
         tokens = sizes["clm_batch"] * n
         row(f"CLM train step, {n} tokens", tokens / s_ar, tokens / s_full, "tok/s", "vs full attention")
-        row(f"CLM activation memory, {n} tokens", mem_ar / 2**20, mem_full / 2**20, "MiB", "vs full attention",
-            higher_is_better=False)
-        for key, value in (("seq_len", n), ("ar_s", s_ar), ("full_s", s_full), ("ar_mem", mem_ar),
-                           ("full_mem", mem_full)):
+        row(f"CLM activation memory, {n} tokens", act_ar / 2**20, act_full / 2**20, "MiB",
+            "saved for the backward pass", higher_is_better=False)
+        if peak_ar and peak_full:
+            row(f"CLM peak memory, {n} tokens", peak_ar / 2**20, peak_full / 2**20, "MiB",
+                "resident set above the step's start", higher_is_better=False)
+        for key, value in zip(scaling, (n, s_ar, s_full, act_ar, act_full, peak_ar, peak_full), strict=True):
             scaling[key].append(value)
     first, last = 0, len(scaling["seq_len"]) - 1
     growth = scaling["seq_len"][last] / scaling["seq_len"][first]
@@ -109,23 +120,53 @@ def clm_scaling_rows(sizes: dict) -> dict:
     return scaling
 
 
+def peak_memory(which: str, n: int, sizes: dict) -> int | None:
+    """Peak memory of one training step of the `which` model ("ar" or "full"), measured in a fresh process."""
+    env = os.environ | {"MALLOC_MMAP_THRESHOLD_": "65536"}  # freed tensors leave the resident set at once
+    command = [sys.executable, "-m", "benchmarks.peak_memory", which, str(n), str(sizes["clm_latents"])]
+    out = subprocess.run(command, env=env, capture_output=True, text=True, check=True).stdout.strip()
+    return int(out) if out else None
+
+
 def generation_rows(sizes: dict) -> None:
     """Row 4: generation tokens/s with the key/value cache against recomputing the window at every token."""
     model = bm.generation_model(sizes["gen_max_seq_len"], sizes["gen_latents"])
     for prompt_len in sizes["gen_prompts"]:
         cached, uncached = bm.generation_runs(model, prompt_len, sizes["gen_new_tokens"])
-        s_cached, s_uncached = side_by_side(cached, uncached, sizes["gen_repeats"], warmup=0)
+        s_cached, s_uncached = side_by_side(cached, uncached, sizes["gen_repeats"], warmup=1)
         new = sizes["gen_new_tokens"]
         row(f"generate, {prompt_len}-token prompt", new / s_cached, new / s_uncached, "tok/s", "cache vs none")
 
+    # Past max_seq_len the window slides: the cost of a token must stay what it was while the window filled.
+    window = sizes["slide_max_seq_len"]
+    model = bm.generation_model(window, sizes["slide_latents"])
+    blocks = slide_blocks(model, sizes)
+    first_full = window // sizes["slide_block"]  # the first block generated with a full window
+    row(f"generate past max_seq_len ({window}): ms per token, {len(blocks) * sizes['slide_block']} tokens",
+        1000 * blocks[-1], 1000 * blocks[first_full], "ms", "last block vs the first with a full window",
+        higher_is_better=False)
+    RESULTS[-1]["per_block_ms"] = [1000 * t for t in blocks]
+
+
+def slide_blocks(model, sizes: dict) -> list[float]:
+    """Median over repetitions of the per-token seconds of each block (see `per_token_seconds`)."""
+    runs = [bm.per_token_seconds(model, sizes["slide_prompt"], sizes["slide_new_tokens"], sizes["slide_block"])
+            for _ in range(sizes["gen_repeats"])]
+    return [statistics.median(block) for block in zip(*runs, strict=True)]
+
 
 def mfu_rows(sizes: dict) -> None:
-    """Row 5: model FLOPs utilisation of the MLM training steps against this machine's fp32 matmul peak."""
-    peak = bm.matmul_peak_flops(sizes["peak_n"])
-    row("fp32 matmul peak", peak / 1e9, None, "GFLOP/s", f"{sizes['peak_n']}^3 matmul, measured now")
+    """Row 5: model FLOPs utilisation of the MLM training steps against this machine's matmul peak, measured now
+    in the precision of the step (fp32; bfloat16 for the bf16-mixed steps, whose products run in bfloat16)."""
+    peaks = {}
+    for precision in sizes["precisions"]:
+        dtype = torch.float32 if precision == "32" else torch.bfloat16
+        peaks[precision] = bm.matmul_peak_flops(sizes["peak_n"], dtype)
+        name = "fp32" if precision == "32" else "bf16"
+        row(f"{name} matmul peak", peaks[precision] / 1e9, None, "GFLOP/s", f"{sizes['peak_n']}^3 matmul, measured now")
     for r in [r for r in RESULTS if "flops_per_token" in r]:
         achieved = r["flops_per_token"] * r["ours"]  # FLOP/token x token/s
-        row(f"MFU, {r['name']}", 100 * achieved / peak, None, "%", f"{achieved / 1e9:.1f} GFLOP/s")
+        row(f"MFU, {r['name']}", 100 * achieved / peaks[r["precision"]], None, "%", f"{achieved / 1e9:.1f} GFLOP/s")
 
 
 def help_row() -> None:
@@ -141,11 +182,27 @@ def help_row() -> None:
 # ---------------------------------------------------------------------------------------------------------------
 
 
+def bf16_is_faster(n: int) -> bool:
+    """Whether this CPU multiplies bfloat16 matrices clearly faster than fp32 (AMX or AVX-512 BF16): only then do
+    bf16-mixed rows say something."""
+    return bm.matmul_peak_flops(n, torch.bfloat16) > 1.5 * bm.matmul_peak_flops(n, torch.float32)
+
+
+def cpu_name() -> str:
+    """The processor's model name (Linux), else what `platform` knows."""
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
 def print_table() -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"perceiver benchmarks ({platform.processor() or platform.machine()}, "
+    table = Table(title=f"perceiver benchmarks ({cpu_name()}, "
                         f"{torch.get_num_threads()} threads, torch {torch.__version__})")
     for column in ("benchmark", "ours", "other", "unit", "ratio", "note"):
         table.add_column(column, justify="left" if column in ("benchmark", "note", "unit") else "right")
@@ -157,6 +214,7 @@ def print_table() -> None:
 
 def plot_scaling(scaling: dict, out: Path) -> None:
     import matplotlib
+    import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -166,10 +224,14 @@ def plot_scaling(scaling: dict, out: Path) -> None:
     time_ax.plot(n, scaling["ar_s"], "o-", label="Perceiver AR")
     time_ax.plot(n, scaling["full_s"], "s-", label="full attention")
     time_ax.set(xlabel="sequence length (tokens)", ylabel="training step (s)", xscale="log", yscale="log")
-    mem_ax.plot(n, [m / 2**20 for m in scaling["ar_mem"]], "o-", label="Perceiver AR")
-    mem_ax.plot(n, [m / 2**20 for m in scaling["full_mem"]], "s-", label="full attention")
-    mem_ax.set(xlabel="sequence length (tokens)", ylabel="activation memory (MiB)", xscale="log", yscale="log")
+    kind = "peak" if all(scaling["ar_peak"] + scaling["full_peak"]) else "act"  # peak needs Linux's counters
+    mem_ax.plot(n, [m / 2**20 for m in scaling[f"ar_{kind}"]], "o-", label="Perceiver AR")
+    mem_ax.plot(n, [m / 2**20 for m in scaling[f"full_{kind}"]], "s-", label="full attention")
+    ylabel = "peak memory of a step (MiB)" if kind == "peak" else "activation memory (MiB)"
+    mem_ax.set(xlabel="sequence length (tokens)", ylabel=ylabel, xscale="log", yscale="log")
     for ax in (time_ax, mem_ax):
+        ax.set_xticks(n, [f"{v:,}" for v in n], minor=False)
+        ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
         ax.grid(alpha=0.3, which="both")
         ax.legend()
     fig.tight_layout()
@@ -183,6 +245,7 @@ def main() -> None:
     parser.add_argument("--only", nargs="*", choices=["mlm", "clm", "generate", "mfu", "help"])
     args = parser.parse_args()
     sizes = bm.sizes(quick=args.quick)
+    sizes["precisions"] = ["32"] + (["bf16-mixed"] if bf16_is_faster(sizes["peak_n"]) else [])
     args.out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
     wanted = set(args.only or ["mlm", "clm", "generate", "mfu", "help"])
@@ -204,7 +267,7 @@ def main() -> None:
         if "help" in wanted:
             help_row()
     print_table()
-    machine = {"processor": platform.processor(), "machine": platform.machine(), "cpus": os.cpu_count(),
+    machine = {"processor": cpu_name(), "machine": platform.machine(), "cpus": os.cpu_count(),
                "threads": torch.get_num_threads(), "torch": torch.__version__, "quick": args.quick,
                "seconds": round(time.perf_counter() - started, 1)}
     (args.out / "benchmarks.json").write_text(json.dumps({"machine": machine, "rows": RESULTS}, indent=2))

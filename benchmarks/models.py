@@ -33,21 +33,28 @@ def scaled_paper_mlm(max_seq_len: int, input_channels: int, latents: int, latent
 def sizes(quick: bool) -> dict:
     from perceiver_cli.config import load_run_config
 
-    mlm_small = load_run_config("mlm-small")[0].backend_config(262)
+    mlm_small = load_run_config("mlm-small")[0]
     if quick:
         return {
-            "repeats": 2, "mlm_batch": 2,
-            "mlm_configs": {"paper, toy": scaled_paper_mlm(64, 32, 8, 64, 1)},
+            "repeats": 2,
+            "mlm_configs": {"paper, toy": (scaled_paper_mlm(64, 32, 8, 64, 1), 2)},  # (config, batch size)
             "clm_lengths": [128, 256], "clm_latents": 32, "clm_batch": 1, "clm_repeats": 2,
             "gen_max_seq_len": 256, "gen_latents": 32, "gen_prompts": [16, 64], "gen_new_tokens": 8, "gen_repeats": 1,
+            "slide_max_seq_len": 64, "slide_latents": 16, "slide_prompt": 8, "slide_new_tokens": 192, "slide_block": 32,
             "peak_n": 256, "compile": False,
         }
     return {
-        "repeats": 5, "mlm_batch": 8,
-        "mlm_configs": {"mlm-small": mlm_small, "paper, scaled down": scaled_paper_mlm(1024, 384, 128, 640, 6)},
-        "clm_lengths": [1024, 2048, 4096, 8192], "clm_latents": 256, "clm_batch": 1, "clm_repeats": 3,
+        "repeats": 11,
+        "mlm_configs": {  # (config, batch size): mlm-small as its preset trains it
+            "mlm-small": (mlm_small.backend_config(262), mlm_small.data.batch_size),
+            "paper, scaled down": (scaled_paper_mlm(1024, 384, 128, 640, 6), 8),
+        },
+        "clm_lengths": [1024, 2048, 4096, 8192], "clm_latents": 256, "clm_batch": 1, "clm_repeats": 5,
         "gen_max_seq_len": 4096, "gen_latents": 128, "gen_prompts": [64, 512, 2048], "gen_new_tokens": 128,
-        "gen_repeats": 1, "peak_n": 2048, "compile": True,
+        "gen_repeats": 5,
+        # clm-small's window (512 tokens, 128 latents), generated 4x past its length
+        "slide_max_seq_len": 512, "slide_latents": 128, "slide_prompt": 64, "slide_new_tokens": 2048, "slide_block": 256,
+        "peak_n": 2048, "compile": True,
     }
 
 
@@ -80,18 +87,29 @@ def mlm_batch(b: int, n: int, mask_prob: float = 0.15) -> dict:
     return {"input_ids": x.masked_fill(masked, 3), "labels": torch.where(masked, x, -100)}
 
 
-def mlm_train_steps(ours, hf, batch):
-    opt_ours = torch.optim.AdamW(ours.parameters())
-    opt_hf = torch.optim.AdamW(hf.parameters())
+def autocast(precision: str):
+    """The mixed precision `trainer.precision` names: "32" (off) or "bf16-mixed" (bfloat16 autocast)."""
+    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16-mixed")
+
+
+def adamw(model: nn.Module) -> torch.optim.Optimizer:
+    """Fused AdamW on both sides: what `perceiver train` builds and transformers' Trainer uses by default."""
+    return torch.optim.AdamW(model.parameters(), fused=True)
+
+
+def mlm_train_steps(ours, hf, batch, precision: str = "32"):
+    opt_ours, opt_hf = adamw(ours), adamw(hf)
 
     def ours_step():
-        loss = ours.loss(batch)
+        with autocast(precision):
+            loss = ours.loss(batch)
         opt_ours.zero_grad(set_to_none=True)
         loss.backward()
         opt_ours.step()
 
     def hf_step():
-        loss = hf(input_ids=batch["input_ids"], labels=batch["labels"]).loss
+        with autocast(precision):
+            loss = hf(input_ids=batch["input_ids"], labels=batch["labels"]).loss
         opt_hf.zero_grad(set_to_none=True)
         loss.backward()
         opt_hf.step()
@@ -99,17 +117,17 @@ def mlm_train_steps(ours, hf, batch):
     return ours_step, hf_step
 
 
-def mlm_fill_mask(ours, hf, batch):
+def mlm_fill_mask(ours, hf, batch, precision: str = "32"):
     """A fill-mask forward pass: logits of the masked positions. transformers decodes every position."""
     selected = batch["labels"] != -100
     positions = torch.argsort((~selected).to(torch.uint8), dim=1, stable=True)[:, : int(selected.sum(1).max())]
 
     def ours_forward():
-        with torch.inference_mode():
+        with torch.inference_mode(), autocast(precision):
             ours.model(batch["input_ids"], output_positions=positions)
 
     def hf_forward():
-        with torch.inference_mode():
+        with torch.inference_mode(), autocast(precision):
             hf(input_ids=batch["input_ids"]).logits.gather(1, positions[..., None].expand(-1, -1, 262))
 
     return ours_forward, hf_forward
@@ -146,8 +164,7 @@ def clm_pair(n: int, latents: int):
 def clm_train_steps(ar, full, x: torch.Tensor, latents: int):
     inputs, labels = x[:, :-1], x[:, 1:]
     n = inputs.shape[1]
-    opt_ar = torch.optim.AdamW(ar.parameters())
-    opt_full = torch.optim.AdamW(full.parameters())
+    opt_ar, opt_full = adamw(ar), adamw(full)
 
     def ar_step():
         logits = ar(inputs, n - latents)
@@ -203,6 +220,19 @@ def generation_runs(model: CausalLanguageModel, prompt_len: int, new_tokens: int
     return run(True), run(False)
 
 
+def per_token_seconds(model: CausalLanguageModel, prompt_len: int, new_tokens: int, block: int) -> list[float]:
+    """Mean seconds per generated token (with the cache) in consecutive blocks of `block` tokens: the cost of a
+    token as the sequence grows, past `max_seq_len` too (where the window slides)."""
+    from perceiver_cli.generation import GenerationSettings, generate_tokens
+
+    prompt = torch.randint(6, 262, (prompt_len,)).tolist()
+    settings = GenerationSettings(max_new_tokens=new_tokens, do_sample=False, stop_at_eos=False)
+    stamps = [time.perf_counter()]
+    for _ in generate_tokens(model, prompt, settings):
+        stamps.append(time.perf_counter())
+    return [(stamps[i + block] - stamps[i]) / block for i in range(0, new_tokens - block + 1, block)]
+
+
 # --- FLOPs ------------------------------------------------------------------------------------------------------
 
 
@@ -215,9 +245,9 @@ def flops(step) -> int:
     return counter.get_total_flops()
 
 
-def matmul_peak_flops(n: int, repeats: int = 5) -> float:
-    """This machine's fp32 matrix-multiply rate (FLOP/s), the ceiling for model FLOPs utilisation."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
+def matmul_peak_flops(n: int, dtype: torch.dtype = torch.float32, repeats: int = 5) -> float:
+    """This machine's matrix-multiply rate (FLOP/s) in `dtype`, the ceiling for model FLOPs utilisation."""
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
     a @ b
     times = []
     for _ in range(repeats):

@@ -17,7 +17,8 @@ def test_quick_benchmark_run_writes_every_row(tmp_path):
     assert result.returncode == 0, result.stderr
     rows = {row["name"]: row for row in json.loads((tmp_path / "benchmarks.json").read_text())["rows"]}
     for prefix in ("MLM train step", "MLM fill-mask forward", "CLM train step", "CLM activation memory",
-                   "generate,", "fp32 matmul peak", "MFU", "perceiver --help"):
+                   "CLM peak memory", "generate,", "generate past max_seq_len", "fp32 matmul peak", "MFU",
+                   "perceiver --help"):
         assert any(name.startswith(prefix) for name in rows), prefix
     assert all(row["ours"] > 0 for row in rows.values())
     assert (tmp_path / "scaling.png").read_bytes()[:4] == b"\x89PNG"
