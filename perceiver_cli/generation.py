@@ -21,6 +21,7 @@ Shapes: B sequences, n window length, V vocabulary.
 from __future__ import annotations
 
 import codecs
+import contextlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -155,14 +156,32 @@ class PerceiverARDecoder:
         self.batch_size = batch_size
         self.use_cache = use_cache
         self.cache = model.empty_cache() if use_cache else None
+        weight = next(model.parameters())
+        self.native_kernels = weight.device.type == "cpu" and weight.dtype == torch.float32
 
     @property
     def prefix_len(self) -> int:
         return self.window.prefix_len
 
-    @torch.inference_mode()
+    @contextlib.contextmanager
+    def _inference(self):
+        """Inference mode and, for fp32 on the CPU, ATen's own kernels instead of oneDNN's: oneDNN sets up every call
+        (about 12 us for the GELU of one token), which made a cached step 12% slower; bf16 keeps oneDNN, whose
+        matrix products use AMX. The flag is global, so it is restored after every call."""
+        enabled = torch.backends.mkldnn.enabled
+        try:
+            torch.backends.mkldnn.enabled = enabled and not self.native_kernels
+            with torch.inference_mode():
+                yield
+        finally:
+            torch.backends.mkldnn.enabled = enabled
+
     def start(self) -> torch.Tensor:
         """Logits (B, V) of the token after the prompt."""
+        with self._inference():
+            return self._start()
+
+    def _start(self) -> torch.Tensor:
         logits = self.model(self.tokens, self.prefix_len, cache=self.cache)[:, -1]  # (1, V)
         # Every sequence starts from the same prompt: compute it once, then copy tokens and cache.
         copies = torch.zeros(self.batch_size, dtype=torch.long, device=self.tokens.device)
@@ -172,9 +191,12 @@ class PerceiverARDecoder:
                 kv_cache.select(copies)
         return logits[copies]
 
-    @torch.inference_mode()
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         """Append `tokens` (B,) to the window and return the logits (B, V) of the token after them."""
+        with self._inference():
+            return self._step(tokens)
+
+    def _step(self, tokens: torch.Tensor) -> torch.Tensor:
         old_window = self.window
         self.window, fresh = next_window(old_window, self.model.config)
         self.tokens = torch.cat([self.tokens, tokens[:, None]], dim=1)[:, -self.window.length :]
@@ -213,7 +235,8 @@ def generate_tokens(
     logits = decoder.start()
     for step in range(settings.max_new_tokens):
         tokens = choose_tokens(process_logits(logits, seen, settings), settings.do_sample, generator)
-        seen[torch.arange(batch_size, device=device), tokens] = True
+        if settings.repetition_penalty != 1.0:
+            seen[torch.arange(batch_size, device=device), tokens] = True
         yield tokens
         if step + 1 < settings.max_new_tokens:
             logits = decoder.step(tokens)

@@ -126,6 +126,19 @@ def test_a_rebuild_recomputes_only_what_moved(monkeypatch):
     assert slid and all(n == length for length, n in slid)
 
 
+def test_fp32_cpu_decoding_runs_without_onednn_and_restores_the_flag(monkeypatch):
+    # oneDNN's per-call set-up dominates one-token steps on the CPU; generation switches it off for its own calls
+    # only: the global flag is back as it was after every step, and between steps.
+    model = clm()
+    during = []
+    forward = model.forward
+    monkeypatch.setattr(model, "forward", lambda *a, **k: during.append(torch.backends.mkldnn.enabled) or forward(*a,
+                                                                                                              **k))
+    assert torch.backends.mkldnn.enabled
+    between = [torch.backends.mkldnn.enabled for _ in generate_tokens(model, prompt_of(5), greedy(4))]
+    assert during == [False] * 4 and between == [True] * 4 and torch.backends.mkldnn.enabled
+
+
 @pytest.mark.parametrize("max_latents", [12, 48])  # 48: no prefix at all, the window of latents slides
 def test_cache_stays_bounded_and_generation_runs_past_max_seq_len(max_latents):
     model = clm(max_latents=max_latents)  # max_seq_len 48

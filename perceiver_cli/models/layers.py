@@ -94,7 +94,8 @@ class CrossAttentionLayer(nn.Module):
         """
         q = self.q_norm(x_q)
         if x_kv is None:
-            kv = q if x_kv_prefix is None else torch.cat([self.kv_norm(x_kv_prefix), q], dim=1)
+            no_prefix = x_kv_prefix is None or x_kv_prefix.shape[1] == 0  # e.g. a cached generation step
+            kv = q if no_prefix else torch.cat([self.kv_norm(x_kv_prefix), q], dim=1)
         else:
             kv = self.kv_norm(x_kv)
         attended = self.attention(q, kv, pad_mask=pad_mask, rotary_q=rotary_q, rotary_k=rotary_k, cache=cache)
