@@ -79,7 +79,7 @@ def mlm_rows(sizes: dict) -> None:
             train_ours, train_hf = bm.mlm_train_steps(ours, hf, batch, precision)
             s_ours, s_hf = side_by_side(train_ours, train_hf, sizes["repeats"])
             row(f"MLM train step ({label}{suffix})", b * n / s_ours, b * n / s_hf, "tok/s", "vs transformers")
-            RESULTS[-1] |= {"flops_per_token": bm.flops(train_ours) / (b * n), "precision": precision}
+            rate_against_peak(RESULTS[-1], train_ours, bm.flops(train_ours), precision, sizes)
             infer_ours, infer_hf = bm.mlm_fill_mask(ours, hf, batch, precision)
             s_ours, s_hf = side_by_side(infer_ours, infer_hf, sizes["repeats"])
             row(f"MLM fill-mask forward ({label}{suffix})", b * n / s_ours, b * n / s_hf, "tok/s", "vs transformers")
@@ -90,7 +90,7 @@ def mlm_rows(sizes: dict) -> None:
                 s_ours, s_hf = side_by_side(train_compiled, train_hf, sizes["repeats"])
                 row(f"MLM train step ({label}, compiled)", b * n / s_ours, b * n / s_hf, "tok/s",
                     "trainer.compile vs transformers")
-                RESULTS[-1] |= {"flops_per_token": RESULTS[-3]["flops_per_token"], "precision": precision}
+                rate_against_peak(RESULTS[-1], train_compiled, bm.flops(train_ours), precision, sizes)
 
 
 def clm_scaling_rows(sizes: dict) -> dict:
@@ -157,18 +157,28 @@ def slide_blocks(model, sizes: dict) -> list[float]:
     return [statistics.median(block) for block in zip(*runs, strict=True)]
 
 
+def rate_against_peak(result: dict, step, step_flops: int, precision: str, sizes: dict) -> None:
+    """Time `step` side by side with the matmul peak of its precision (fp32, or bfloat16 for bf16-mixed, whose
+    products run in bfloat16) and note its model FLOPs utilisation in `result`."""
+    product, product_flops = bm.matmul(sizes["peak_n"], torch.float32 if precision == "32" else torch.bfloat16)
+    s_step, s_product = side_by_side(step, product, sizes["repeats"])
+    result |= {"peak_flops": product_flops / s_product, "mfu": (step_flops / s_step) / (product_flops / s_product),
+               "precision": precision}
+
+
 def mfu_rows(sizes: dict) -> None:
-    """Row 5: model FLOPs utilisation of the MLM training steps against this machine's matmul peak, measured now
-    in the precision of the step (fp32; bfloat16 for the bf16-mixed steps, whose products run in bfloat16)."""
-    peaks = {}
+    """Row 5: model FLOPs utilisation of the MLM training steps: achieved FLOP/s against the matmul peak measured
+    side by side with each step (see `rate_against_peak`)."""
+    rated = [r for r in RESULTS if "mfu" in r]
     for precision in sizes["precisions"]:
-        dtype = torch.float32 if precision == "32" else torch.bfloat16
-        peaks[precision] = bm.matmul_peak_flops(sizes["peak_n"], dtype)
-        name = "fp32" if precision == "32" else "bf16"
-        row(f"{name} matmul peak", peaks[precision] / 1e9, None, "GFLOP/s", f"{sizes['peak_n']}^3 matmul, measured now")
-    for r in [r for r in RESULTS if "flops_per_token" in r]:
-        achieved = r["flops_per_token"] * r["ours"]  # FLOP/token x token/s
-        row(f"MFU, {r['name']}", 100 * achieved / peaks[r["precision"]], None, "%", f"{achieved / 1e9:.1f} GFLOP/s")
+        peaks = [r["peak_flops"] for r in rated if r["precision"] == precision]
+        if peaks:
+            name = "fp32" if precision == "32" else "bf16"
+            row(f"{name} matmul peak", statistics.median(peaks) / 1e9, None, "GFLOP/s",
+                f"{sizes['peak_n']}^3 matmul, median of the runs beside each step")
+    for r in rated:
+        achieved = r["mfu"] * r["peak_flops"]
+        row(f"MFU, {r['name']}", 100 * r["mfu"], None, "%", f"{achieved / 1e9:.1f} GFLOP/s")
 
 
 def help_row() -> None:

@@ -245,13 +245,20 @@ def flops(step) -> int:
     return counter.get_total_flops()
 
 
-def matmul_peak_flops(n: int, dtype: torch.dtype = torch.float32, repeats: int = 5) -> float:
-    """This machine's matrix-multiply rate (FLOP/s) in `dtype`, the ceiling for model FLOPs utilisation."""
+def matmul(n: int, dtype: torch.dtype = torch.float32):
+    """One n x n x n matrix product in `dtype` and its FLOPs: this machine's matmul peak, the ceiling for model
+    FLOPs utilisation, timed side by side with the step it rates (a shared machine's speed drifts)."""
     a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-    a @ b
+    return (lambda: a @ b), 2 * n**3
+
+
+def matmul_peak_flops(n: int, dtype: torch.dtype = torch.float32, repeats: int = 5) -> float:
+    """The matmul rate (FLOP/s) in `dtype`: the median of `repeats` products after one warm-up."""
+    product, flop = matmul(n, dtype)
+    product()
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
-        a @ b
+        product()
         times.append(time.perf_counter() - start)
-    return 2 * n**3 / sorted(times)[len(times) // 2]
+    return flop / sorted(times)[len(times) // 2]
