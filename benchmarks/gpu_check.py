@@ -198,8 +198,8 @@ def mlm_vs_transformers():
         hf_logits = hf(input_ids=inputs[:2]).logits.float()
     agreement = ((ours_logits - hf_logits).norm() / hf_logits.norm()).item()
     lit.train(), hf.train()
-    opt_ours = torch.optim.AdamW(lit.parameters())
-    opt_hf = torch.optim.AdamW(hf.parameters())
+    opt_ours = torch.optim.AdamW(lit.parameters(), fused=True)  # both sides: what perceiver train and HF Trainer use
+    opt_hf = torch.optim.AdamW(hf.parameters(), fused=True)
 
     def ours_step():
         with torch.autocast("cuda", dtype=torch.bfloat16):

@@ -12,8 +12,8 @@ Then half of the latents join the prefix at once and, when the prefix is full, i
 The key/value cache makes each new token cost one latent's computation instead of a forward pass over the window,
 and it is exact: while latents are added, the cached keys and values are what a full pass computes; when latents
 join the prefix or tokens leave, one pass rebuilds the cache: over the latents and the tokens that joined the prefix
-when the window grew in place (the older prefix keeps its keys and values), over the whole window when it slid. `use_cache=False` runs the
-full pass at every step over the same windows, and so produces the same tokens.
+when the window grew in place (the older prefix keeps its keys and values), over the whole window when it slid.
+`use_cache=False` runs the full pass at every step over the same windows, and so produces the same tokens.
 
 Shapes: B sequences, n window length, V vocabulary.
 """
