@@ -179,6 +179,7 @@ def mlm_vs_transformers():
     weights and batches, bf16 autocast, batch 32 x 2048 with 15% masked positions."""
     from transformers import PerceiverForMaskedLM
 
+    from perceiver_cli.models.attention import unfused_state_dict
     from perceiver_cli.models.huggingface.perceiver_for_masked_lm import config_to_hf, hf_name
     from perceiver_cli.models.lightning import LitMaskedLanguageModel
 
@@ -186,7 +187,7 @@ def mlm_vs_transformers():
     config = seed_mlm_config()
     lit = LitMaskedLanguageModel.create(config).cuda().train()
     hf = PerceiverForMaskedLM(config_to_hf(config)).cuda().train()
-    hf.load_state_dict({hf_name(k): v for k, v in lit.model.state_dict().items()}, strict=True)
+    hf.load_state_dict({hf_name(k): v for k, v in unfused_state_dict(lit.model).items()}, strict=True)
     b, n = 32, 2048
     x = torch.randint(6, 262, (b, n), device="cuda")
     masked = torch.rand(b, n, device="cuda") < 0.15

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from perceiver_cli.models.adapters import TokenInputAdapter, tied_logits
+from perceiver_cli.models.attention import unfused_state_dict
 from perceiver_cli.models.clm import CausalLanguageModel, CausalLanguageModelConfig
 from perceiver_cli.models.layers import SelfAttentionBlock
 from perceiver_cli.models.lightning import LitMaskedLanguageModel
@@ -70,7 +71,7 @@ def mlm_pair(config: MaskedLanguageModelConfig):
 
     ours = LitMaskedLanguageModel.create(config)
     hf = PerceiverForMaskedLM(config_to_hf(config))
-    hf.load_state_dict({hf_name(k): v for k, v in ours.model.state_dict().items()}, strict=True)
+    hf.load_state_dict({hf_name(k): v for k, v in unfused_state_dict(ours.model).items()}, strict=True)
     return ours.train(), hf.train()
 
 

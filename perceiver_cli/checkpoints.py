@@ -165,6 +165,8 @@ def load_model(path: str | Path, task: str | None = None, device: str = "cpu") -
 
 
 def _from_metadata(meta: dict[str, Any], state_dict: dict[str, Any], source: Path) -> LoadedModel:
+    from perceiver_cli.models.attention import fused_state_dict
+
     try:
         task, model_config = meta["task"], meta["model_config"]
     except (KeyError, TypeError):
@@ -174,7 +176,7 @@ def _from_metadata(meta: dict[str, Any], state_dict: dict[str, Any], source: Pat
     except (TypeError, ValueError) as err:
         raise UserError(f"{source}: invalid model config: {err}") from None
     try:
-        model.load_state_dict(state_dict)
+        model.load_state_dict(fused_state_dict(model, state_dict))  # older checkpoints: separate q/k/v
     except RuntimeError as err:
         first = str(err).strip().splitlines()[0:3]
         raise UserError(

@@ -13,6 +13,7 @@ from tiny_models import tiny_clm_config, tiny_mlm_config
 from transformers import PerceiverTokenizer
 
 from perceiver_cli.checkpoints import load_model, write_checkpoint
+from perceiver_cli.models.attention import unfused_state_dict
 from perceiver_cli.models.clm import CausalLanguageModel
 from perceiver_cli.models.mlm import MaskedLanguageModel
 
@@ -100,7 +101,7 @@ def test_perceiver_io_masked_lm_converts(variant, tmp_path, capsys):
         weights_file = "model.safetensors"
     model = random_model(MaskedLanguageModel(config))
     residual = config.decoder.cross_attention_residual
-    tensors = {perceiver_io_mlm_name(k, residual): v for k, v in model.state_dict().items()}
+    tensors = {perceiver_io_mlm_name(k, residual): v for k, v in unfused_state_dict(model).items()}
     # Anchors checked against the library's own state dict names.
     decoder_q_norm = "1.cross_attn.0.module.q_norm.weight" if residual else "1.cross_attn.0.q_norm.weight"
     for anchor in (decoder_q_norm, "0.self_attn_1.1.1.module.3.weight", "0.latent_provider._query"):
@@ -122,7 +123,7 @@ def test_perceiver_io_masked_lm_converts(variant, tmp_path, capsys):
 def perceiver_io_clm(tmp_path):
     config = tiny_clm_config(output_norm=True)
     model = random_model(CausalLanguageModel(config))
-    tensors = {perceiver_io_clm_name(k): v for k, v in model.state_dict().items()}
+    tensors = {perceiver_io_clm_name(k): v for k, v in unfused_state_dict(model).items()}
     assert "backend_model.self_attention.1.1.module.3.weight" in tensors
     rotated = config.num_rotary_channels_per_head
     # The library keeps its rotary frequencies as a float32 buffer.

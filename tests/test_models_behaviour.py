@@ -263,3 +263,64 @@ def test_cpu_attention_for_unequal_head_widths_matches_sdpa(case, n, c, c_v):
     is_causal = case == "causal"
     expected = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal)
     torch.testing.assert_close(attend(q, k, v, mask, is_causal, 0.0), expected, rtol=0, atol=1e-5)
+
+
+# --- fused projections -----------------------------------------------------------------------------------------
+
+
+def separate_projection_attention(state, prefix, x_q, x_kv, heads, rotary_q, rotary_k, causal):
+    """Attention computed the reference implementations' way: separate query, key and value projections, each
+    rotated on its own. `state` is in the layout of `unfused_state_dict`."""
+    def project(name, x):
+        return F.linear(x, state[f"{prefix}{name}.weight"], state.get(f"{prefix}{name}.bias"))
+
+    def split(t):
+        return t.unflatten(-1, (heads, -1)).transpose(1, 2)
+
+    q, k, v = split(project("q_proj", x_q)), split(project("k_proj", x_kv)), split(project("v_proj", x_kv))
+    q, k = rotary_q.rotate(q), rotary_k.rotate(k)
+    o = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+    return project("o_proj", o.transpose(1, 2).flatten(2))
+
+
+@pytest.mark.parametrize("self_attention", [True, False])
+def test_fused_projections_compute_the_separate_projections_attention(self_attention):
+    from perceiver_cli.models.attention import MultiHeadAttention, Rotary, unfused_state_dict
+
+    attention = MultiHeadAttention(num_heads=4, num_q_input_channels=32, num_kv_input_channels=32,
+                                   num_qk_channels=16, num_v_channels=48, causal=True,
+                                   self_attention=self_attention).eval()
+    for p in attention.parameters():  # non-zero biases, so that a misplaced bias shows
+        torch.nn.init.normal_(p, std=0.2)
+    x = torch.randn(2, 10, 32)
+    rotary = Rotary.at(torch.arange(10)[None], 2)
+    if self_attention:
+        ours = attention(x, rotary_q=rotary, rotary_k=rotary)
+    else:
+        ours = attention(x, x, rotary_q=rotary, rotary_k=rotary)
+    state = unfused_state_dict(attention)
+    assert {"q_proj.weight", "k_proj.weight", "v_proj.weight", "q_proj.bias"} <= state.keys()
+    reference = separate_projection_attention(state, "", x, x, 4, rotary, rotary, causal=True)
+    torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("task", ["clm", "mlm"])
+def test_the_separate_projection_layout_round_trips_and_older_checkpoints_load(task, tmp_path):
+    from perceiver_cli.checkpoints import load_model, write_checkpoint
+    from perceiver_cli.models.attention import fused_state_dict, unfused_state_dict
+
+    config = tiny_clm_config() if task == "clm" else tiny_mlm_config()
+    model = CausalLanguageModel(config) if task == "clm" else MaskedLanguageModel(config)
+    state = model.state_dict()
+    separate = unfused_state_dict(model)
+    assert not any("qkv_proj" in name or "kv_proj" in name for name in separate)
+    assert sum(t.numel() for t in separate.values()) == sum(t.numel() for t in state.values())
+    fused = fused_state_dict(model, separate)
+    assert fused.keys() == state.keys() and all(torch.equal(fused[k], state[k]) for k in state)
+
+    class Older(torch.nn.Module):  # a checkpoint written before the projections were fused
+        def state_dict(self):
+            return separate
+
+    loaded = load_model(write_checkpoint(tmp_path / "older.ckpt", task, Older(), config)).model
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in state.items())

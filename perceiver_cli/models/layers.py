@@ -135,6 +135,7 @@ class SelfAttentionLayer(nn.Module):
             dropout=dropout,
             qkv_bias=qkv_bias,
             out_bias=out_bias,
+            self_attention=True,
         )
         self.mlp = MLP(num_channels, widening_factor, bias=mlp_bias)
         self.residual_dropout = residual_dropout
@@ -147,7 +148,7 @@ class SelfAttentionLayer(nn.Module):
         cache: KVCache | None = None,
     ) -> torch.Tensor:
         h = self.norm(x)
-        attended = self.attention(h, h, pad_mask=pad_mask, rotary_q=rotary, rotary_k=rotary, cache=cache)
+        attended = self.attention(h, pad_mask=pad_mask, rotary_q=rotary, rotary_k=rotary, cache=cache)
         x = x + dropout(attended, self.residual_dropout, self.training)
         return x + dropout(self.mlp(x), self.residual_dropout, self.training)
 

@@ -1,6 +1,7 @@
 """Our masked LM <-> transformers' `PerceiverForMaskedLM` (for example deepmind/language-perceiver): configs and
 parameter names. The two compute the same function with the same parameters, one to one, for the configurations
-`PerceiverForMaskedLM` can express.
+`PerceiverForMaskedLM` can express; `hf_name` maps the names of `attention.unfused_state_dict` (separate query, key
+and value projections, as transformers has them).
 
 Its limits: the decoder has 8 heads, 256 query/key channels, value channels equal to the input channels, widening
 factor 1, no query residual and logits tied to the token embedding; the encoder has one cross-attention layer, one
@@ -49,7 +50,8 @@ _LAYER_PARTS = {
 
 
 def hf_name(name: str) -> str:
-    """transformers' name of one of our parameters (of a model `config_to_hf` accepts)."""
+    """transformers' name of one of our parameters in the separate-projection layout (of a model `config_to_hf`
+    accepts)."""
     if name in _PARAMETERS:
         return _PARAMETERS[name]
     for ours, theirs in _LAYERS.items():

@@ -17,6 +17,7 @@ from typing import Any, Callable
 
 from perceiver_cli.checkpoints import LoadedModel, build_backend_model
 from perceiver_cli.errors import UserError
+from perceiver_cli.models.attention import fused_state_dict, unfused_state_dict
 from perceiver_cli.models.huggingface import perceiver_for_masked_lm, perceiver_io_library
 from perceiver_cli.models.huggingface.files import (
     CONFIG_FILE,
@@ -44,12 +45,13 @@ def _read_ours(config_json: dict, tensors: dict) -> tuple[Any, Callable[[str], s
     return config, lambda name: f"{PerceiverARForCausalLM.base_model_prefix}.{name}", set()
 
 
-# model_type -> (task, reader of its config and parameter names)
-READERS: dict[str, tuple[str, Reader]] = {
-    "perceiver": ("mlm", perceiver_for_masked_lm.read),
-    PerceiverARCausalLMConfig.model_type: ("clm", _read_ours),
-    perceiver_io_library.MLM_MODEL_TYPE: ("mlm", perceiver_io_library.read_mlm),
-    perceiver_io_library.CLM_MODEL_TYPE: ("clm", perceiver_io_library.read_clm),
+# model_type -> (task, reader of its config and parameter names, whether those names are of the reference layout:
+# separate query, key and value projections, see `attention.unfused_state_dict`; ours has the fused ones)
+READERS: dict[str, tuple[str, Reader, bool]] = {
+    "perceiver": ("mlm", perceiver_for_masked_lm.read, True),
+    PerceiverARCausalLMConfig.model_type: ("clm", _read_ours, False),
+    perceiver_io_library.MLM_MODEL_TYPE: ("mlm", perceiver_io_library.read_mlm, True),
+    perceiver_io_library.CLM_MODEL_TYPE: ("clm", perceiver_io_library.read_clm, True),
 }
 
 
@@ -69,7 +71,7 @@ def load_pretrained_directory(path: Path) -> LoadedModel:
             f"{path} holds no tokenizer files",
             hint="save its tokenizer into it with save_pretrained (UTF-8 bytes: PerceiverTokenizer().save_pretrained)",
         )
-    task, reader = READERS[model_type]
+    task, reader, separate_projections = READERS[model_type]
     tensors = read_weights(path)
     try:
         config, name_of, checked = reader(config_json, tensors)
@@ -78,13 +80,16 @@ def load_pretrained_directory(path: Path) -> LoadedModel:
         raise UserError(f"{path}: {err.message}", err.hint) from None
     except (TypeError, ValueError) as err:
         raise UserError(f"{path}: invalid model config: {err}") from None
-    _load_exactly(model, tensors, name_of, checked, path)
+    _load_exactly(model, tensors, name_of, checked, path, separate_projections)
     return LoadedModel(task, model.eval(), config, tokenizer, run_config=None, source=path)
 
 
-def _load_exactly(model, tensors: dict, name_of: Callable[[str], str], checked: set[str], path: Path) -> None:
-    """Load `tensors` (source names) into `model`, refusing any parameter missing, tensor unused or shape wrong."""
-    expected = model.state_dict()
+def _load_exactly(
+    model, tensors: dict, name_of: Callable[[str], str], checked: set[str], path: Path, separate_projections: bool
+) -> None:
+    """Load `tensors` (source names) into `model`, refusing any parameter missing, tensor unused or shape wrong.
+    `name_of` maps the names of `unfused_state_dict(model)` if `separate_projections`, else of its state dict."""
+    expected = unfused_state_dict(model) if separate_projections else model.state_dict()
     names = {name: name_of(name) for name in expected}
     missing = [source for source in names.values() if source not in tensors]
     unused = sorted(set(tensors) - set(names.values()) - checked)
@@ -100,7 +105,7 @@ def _load_exactly(model, tensors: dict, name_of: Callable[[str], str], checked: 
     ]
     if problems:
         raise UserError(f"{path}: the weights do not match its config: " + "; ".join(problems))
-    model.load_state_dict({name: tensors[source] for name, source in names.items()})
+    model.load_state_dict(fused_state_dict(model, {name: tensors[source] for name, source in names.items()}))
 
 
 def save_pretrained_directory(loaded: LoadedModel, out_dir: Path, remote_code: bool = False, force: bool = False):
@@ -121,7 +126,7 @@ def _save_masked_lm(loaded: LoadedModel, out_dir: Path, force: bool) -> None:
     hf_config = perceiver_for_masked_lm.config_to_hf(loaded.config)  # refuses before anything is written
     with atomic_directory(out_dir, force) as staging:
         hf_config.save_pretrained(str(staging))
-        weights = {perceiver_for_masked_lm.hf_name(k): v for k, v in loaded.model.state_dict().items()}
+        weights = {perceiver_for_masked_lm.hf_name(k): v for k, v in unfused_state_dict(loaded.model).items()}
         write_weights(staging / SAFETENSORS_FILE, weights)
         save_tokenizer(loaded.tokenizer, staging, "right", model_max_length=loaded.config.encoder.max_seq_len)
 
