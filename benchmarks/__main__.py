@@ -69,7 +69,8 @@ def row(name: str, ours: float, theirs: float | None, unit: str, note: str = "",
 def mlm_rows(sizes: dict) -> None:
     """Rows 1 and 2: MLM training step and fill-mask forward, ours against transformers' PerceiverForMaskedLM with
     the same configuration, weights (through the converter's mapping), batches and precision: fp32, and bfloat16
-    autocast (`trainer.precision = "bf16-mixed"`) where this CPU multiplies bfloat16 faster than fp32."""
+    autocast (`trainer.precision = "bf16-mixed"`) where this CPU multiplies bfloat16 faster than fp32; then ours in
+    bfloat16 against transformers in fp32, its default (the bf16 lever, which changes the numerics)."""
     for precision in sizes["precisions"]:
         suffix = "" if precision == "32" else f", {precision}"
         for label, (config, b) in sizes["mlm_configs"].items():
@@ -84,6 +85,15 @@ def mlm_rows(sizes: dict) -> None:
             infer_ours, infer_hf = bm.mlm_fill_mask(ours, hf, batch, precision)
             s_ours, s_hf = side_by_side(infer_ours, infer_hf, sizes["repeats"])
             row(f"MLM fill-mask forward ({label}{suffix})", b * n / s_ours, b * n / s_hf, "tok/s", "vs transformers")
+            if precision != "32":  # the bf16 lever: ours in bf16 against transformers as it runs by default, fp32
+                _, train_hf32 = bm.mlm_train_steps(ours, hf, batch, "32")
+                s_ours, s_hf = side_by_side(train_ours, train_hf32, sizes["repeats"])
+                row(f"MLM train step ({label}, ours {precision})", b * n / s_ours, b * n / s_hf, "tok/s",
+                    "vs transformers in fp32")
+                _, infer_hf32 = bm.mlm_fill_mask(ours, hf, batch, "32")
+                s_ours, s_hf = side_by_side(infer_ours, infer_hf32, sizes["repeats"])
+                row(f"MLM fill-mask forward ({label}, ours {precision})", b * n / s_ours, b * n / s_hf, "tok/s",
+                    "vs transformers in fp32")
             if sizes["compile"] and label == "mlm-small" and precision == "32":  # trainer.compile = true
                 compiled_ours = bm.compiled(ours)
                 train_compiled, _ = bm.mlm_train_steps(compiled_ours, hf, batch)

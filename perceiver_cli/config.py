@@ -13,7 +13,7 @@ import typing
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator
 
 from perceiver_cli.errors import UserError
 from perceiver_cli.models.clm import CausalLanguageModelConfig
@@ -117,6 +117,13 @@ class TrainerSection(Section):
     deterministic: bool = False
     compile: bool = False  # torch.compile the backend model
     log_every_n_steps: int = Field(default=10, gt=0)
+
+    @field_validator("precision", mode="before")
+    @classmethod
+    def _precision_as_text(cls, value: Any) -> Any:
+        # `precision = 32` (a TOML integer, as Lightning also takes it, and what `--set trainer.precision=32` parses
+        # to) means "32".
+        return str(value) if isinstance(value, int) and not isinstance(value, bool) else value
 
 
 class OutputSection(Section):

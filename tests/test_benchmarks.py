@@ -21,5 +21,8 @@ def test_quick_benchmark_run_writes_every_row(tmp_path):
                    "perceiver --help"):
         assert any(name.startswith(prefix) for name in rows), prefix
     assert all(row["ours"] > 0 for row in rows.values())
+    if any("bf16-mixed" in name for name in rows):  # only where this CPU multiplies bfloat16 faster than fp32
+        for prefix in ("MLM train step", "MLM fill-mask forward"):  # ours in bf16 against transformers in fp32
+            assert any(name.startswith(prefix) and name.endswith("ours bf16-mixed)") for name in rows), prefix
     assert (tmp_path / "scaling.png").read_bytes()[:4] == b"\x89PNG"
     assert "perceiver benchmarks" in result.stdout

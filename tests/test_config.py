@@ -55,6 +55,12 @@ def test_override_values_are_toml_or_plain_strings(text, expected):
     assert parse_override(text) == expected
 
 
+def test_precision_32_may_be_written_as_a_number():
+    for written in ("trainer.precision=32", 'trainer.precision="32"'):
+        config = validate(apply_overrides({"model": {"task": "clm"}}, ["trainer.max_steps=1", written]), "preset x")
+        assert config.trainer.precision == "32"
+
+
 def test_overrides_are_validated_like_the_file():
     values = apply_overrides({"model": {"task": "clm"}}, ["trainer.max_steps=5", "model.num_heads=3"])
     with pytest.raises(UserError) as err:

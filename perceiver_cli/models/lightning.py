@@ -100,7 +100,11 @@ class LitLanguageModel(pl.LightningModule):
         self.log("val_loss", loss, prog_bar=True, sync_dist=True, batch_size=batch["input_ids"].shape[0])
 
     def configure_optimizers(self):
-        optimizer = build_optimizer(self.model, **self.optimizer_config)
+        # Under mixed precision Lightning unscales gradients itself before it clips them, and refuses to for an
+        # optimizer that unscales in its own step, as the fused kernel does: clipped mixed precision runs without it.
+        trainer = self._trainer
+        clipped_mixed = trainer is not None and bool(trainer.gradient_clip_val) and "mixed" in str(trainer.precision)
+        optimizer = build_optimizer(self.model, **self.optimizer_config, fused=not clipped_mixed)
         total_steps = self.trainer.estimated_stepping_batches if self._trainer is not None else None
         if total_steps is not None and not 0 < total_steps < float("inf"):
             total_steps = None  # no step budget known (e.g. max_time only): the cosine schedule needs one

@@ -72,12 +72,14 @@ def build_optimizer(
     weight_decay: float = 0.0,
     betas: Iterable[float] = (0.9, 0.999),
     eps: float = 1e-8,
+    fused: bool = True,
 ) -> torch.optim.Optimizer:
+    """The optimizer `name`; Adam and AdamW run torch's fused kernel where it can (`fused`) and the parameters allow."""
     groups = parameter_groups(model, weight_decay)
     betas = tuple(betas)
     if name in ("adam", "adamw"):
         adam = torch.optim.Adam if name == "adam" else torch.optim.AdamW
-        return adam(groups, lr=lr, betas=betas, eps=eps, fused=fused_supported(model))
+        return adam(groups, lr=lr, betas=betas, eps=eps, fused=fused and fused_supported(model))
     if name == "lamb":
         return Lamb(groups, lr=lr, betas=betas, eps=eps)
     raise ValueError(f"unknown optimizer {name!r}; choose one of {', '.join(OPTIMIZERS)}")
