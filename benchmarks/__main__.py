@@ -94,7 +94,7 @@ def mlm_rows(sizes: dict) -> None:
                 s_ours, s_hf = side_by_side(infer_ours, infer_hf32, sizes["repeats"])
                 row(f"MLM fill-mask forward ({label}, ours {precision})", b * n / s_ours, b * n / s_hf, "tok/s",
                     "vs transformers in fp32")
-            if sizes["compile"] and label == "mlm-small" and precision == "32":  # trainer.compile = true
+            if sizes["compile"] and precision == "32":  # trainer.compile = true
                 compiled_ours = bm.compiled(ours)
                 train_compiled, _ = bm.mlm_train_steps(compiled_ours, hf, batch)
                 train_compiled()  # compiles (tens of seconds), outside the timing

@@ -263,6 +263,18 @@ def test_cpu_attention_for_unequal_head_widths_matches_sdpa(case, n, c, c_v):
     is_causal = case == "causal"
     expected = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal)
     torch.testing.assert_close(attend(q, k, v, mask, is_causal, 0.0), expected, rtol=0, atol=1e-5)
+    # bfloat16 training (the plain formulation at any size): outputs and gradients as SDPA's in fp32, to bf16's
+    # precision.
+    low = [t.bfloat16().requires_grad_() for t in (q, k, v)]
+    ref = [t.clone().requires_grad_() for t in (q, k, v)]
+    out = attend(*low, mask, is_causal, 0.0)
+    expected = F.scaled_dot_product_attention(*ref, attn_mask=mask, is_causal=is_causal)
+    torch.testing.assert_close(out.float(), expected, rtol=0, atol=3e-2)
+    grad = torch.randn_like(expected)
+    out.backward(grad.bfloat16())
+    expected.backward(grad)
+    for a, b in zip(low, ref, strict=True):
+        torch.testing.assert_close(a.grad.float(), b.grad, rtol=0, atol=6e-2)
 
 
 # --- fused projections -----------------------------------------------------------------------------------------

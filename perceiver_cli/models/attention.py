@@ -176,12 +176,15 @@ def attend(
     and its fallback is 1.3-2.7x slower than the plain formulation below. For large score matrices, padding the
     narrower heads with zeros to the wider width (zeros change no score and no output channel we keep) and running
     the fused kernel is faster still: 1.9-2.6x in inference, 1.2-1.8x in training at 131k scores per head; below
-    about 65k the plain formulation wins (all measured on this project's 2-core machine; `python -m benchmarks`
-    shows the effect end to end).
+    about 65k the plain formulation wins. Training in bfloat16 or float16 keeps the plain formulation, whose
+    products run on the matrix units: the fused kernel's backward pass took 2.5x as long (91.6 against 36.3 ms at
+    128 x 1,024 scores x 64 heads). All measured on this project's 2-core machine; `python -m benchmarks` shows the
+    effect end to end.
     """
     c, c_v = q.shape[-1], v.shape[-1]
     if q.device.type == "cpu" and c != c_v:
-        if q.shape[2] * k.shape[2] < 65536:
+        low_precision_training = q.requires_grad and q.dtype in (torch.bfloat16, torch.float16)
+        if q.shape[2] * k.shape[2] < 65536 or low_precision_training:
             scores = (q * c**-0.5) @ k.transpose(-2, -1)  # (B, H, Nq, Nk)
             if is_causal:
                 mask = attention_mask(None, q.shape[2], k.shape[2], True, q.device)
@@ -285,6 +288,8 @@ class MultiHeadAttention(nn.Module):
         else:
             q = self._heads(self.q_proj(x_q))  # (B, H, Nq, c)
             k, v = self.kv_proj(x_kv).split([self.num_qk_channels, self.num_v_channels], dim=-1)
+            if v.requires_grad:  # attention saves v for the backward pass; as a view it would keep the keys too
+                v = v.contiguous()
             k, v = self._heads(k), self._heads(v)  # (B, H, Nk, c), (B, H, Nk, c_v)
             if rotary_q is not None:
                 q = rotary_q.rotate(q)
