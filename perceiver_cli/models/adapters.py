@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -29,6 +30,6 @@ class TokenInputAdapter(nn.Module):
 
 
 def tied_logits(h: torch.Tensor, embedding: nn.Embedding, bias: torch.Tensor | None) -> torch.Tensor:
-    """Logits from hidden states (..., C) through the transposed token embedding (weight tying), plus a bias."""
-    logits = h @ embedding.weight.T
-    return logits if bias is None else logits + bias
+    """Logits from hidden states (..., C) through the transposed token embedding (weight tying), plus a bias (one
+    fused product-and-add)."""
+    return F.linear(h, embedding.weight, bias)
