@@ -279,18 +279,20 @@ class MultiHeadAttention(nn.Module):
         if self.self_attention:
             if x_kv is not None or rotary_k is not rotary_q:
                 raise ValueError("self-attention takes one input, whose queries and keys share their positions")
-            qk, v = self.qkv_proj(x_q).split([2 * self.num_qk_channels, self.num_v_channels], dim=-1)
-            qk = self._heads(qk, 2 * self.num_heads)  # (B, 2H, N, c): the query heads, then the key heads
-            if rotary_q is not None:
-                qk = rotary_q.rotate(qk)  # queries and keys rotated at once
-            q, k = qk.chunk(2, dim=1)  # (B, H, N, c) each
+            qkv = self.qkv_proj(x_q)  # (B, N, 2 * H * c + H * c_v)
+            if rotary_q is None:
+                q, k, v = qkv.split([self.num_qk_channels, self.num_qk_channels, self.num_v_channels], dim=-1)
+                q, k = self._heads(q), self._heads(k)  # (B, H, N, c) each
+            else:  # queries and keys rotated at once
+                qk, v = qkv.split([2 * self.num_qk_channels, self.num_v_channels], dim=-1)
+                q, k = rotary_q.rotate(self._heads(qk, 2 * self.num_heads)).chunk(2, dim=1)  # (B, 2H, N, c) -> 2x
             v = self._heads(v)  # (B, H, N, c_v)
         else:
             q = self._heads(self.q_proj(x_q))  # (B, H, Nq, c)
             k, v = self.kv_proj(x_kv).split([self.num_qk_channels, self.num_v_channels], dim=-1)
-            if v.requires_grad:  # attention saves v for the backward pass; as a view it would keep the keys too
-                v = v.contiguous()
             k, v = self._heads(k), self._heads(v)  # (B, H, Nk, c), (B, H, Nk, c_v)
+            if v.requires_grad:  # attention saves v for the backward pass; as a view it would keep the keys too
+                v = v.contiguous()  # in the layout of the attention's products
             if rotary_q is not None:
                 q = rotary_q.rotate(q)
             if rotary_k is not None:
