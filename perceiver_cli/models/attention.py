@@ -209,8 +209,8 @@ class MultiHeadAttention(nn.Module):
 
     The projections are fused where the inputs allow: self-attention computes queries, keys and values with one
     matrix product (`qkv_proj`), cross-attention its keys and values with one (`kv_proj`). One product instead of
-    three runs closer to the machine's peak, and a generation step makes ten fewer calls. A fused weight is the
-    reference implementations' query, key and value weights stacked along the output axis: see
+    three runs closer to the machine's peak, and a cached generation step makes nine fewer calls. A fused weight is
+    the reference implementations' query, key and value weights stacked along the output axis: see
     `unfused_state_dict` and `fused_state_dict`, which the converters use.
     """
 
