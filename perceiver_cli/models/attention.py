@@ -347,13 +347,21 @@ def fused_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[s
     """A state dict for `model` from one with separate query, key and value projections (a converter's, or a
     checkpoint written before the projections were fused); fused tensors pass through unchanged."""
     state = dict(state)
-    for prefix, module in _attention_modules(model):
-        for fused, parts in module.fused_projections().items():
-            for kind in _PARAMETER_KINDS:
-                names = [f"{prefix}{name}.{kind}" for name, _ in parts]
-                if all(name in state for name in names):
-                    state[f"{prefix}{fused}.{kind}"] = torch.cat([state.pop(name) for name in names])
+    for fused, parts in separate_parameters(model).items():
+        if all(name in state for name in parts):
+            state[fused] = torch.cat([state.pop(name) for name in parts])
     return state
+
+
+def separate_parameters(model: nn.Module) -> dict[str, list[str]]:
+    """The name of each fused projection parameter of `model` -> the names of the separate parameters it stacks."""
+    parts = {}
+    for prefix, module in _attention_modules(model):
+        for fused, pieces in module.fused_projections().items():
+            for kind in _PARAMETER_KINDS:
+                if getattr(getattr(module, fused), kind) is not None:
+                    parts[f"{prefix}{fused}.{kind}"] = [f"{prefix}{name}.{kind}" for name, _ in pieces]
+    return parts
 
 
 def _attention_modules(model: nn.Module):
