@@ -3,6 +3,7 @@ and the `--remote-code` export that loads without perceiver_cli."""
 
 import dataclasses
 import json
+import shutil
 
 import pytest
 import torch
@@ -194,6 +195,21 @@ def test_round_trip_is_bit_exact(backend, exported, tmp_path, capsys):
     assert loaded.config == CONFIG and loaded.tokenizer == "utf8"
     state = loaded.model.state_dict()
     assert state.keys() == backend.state_dict().keys()
+    assert all(torch.equal(state[k], v) for k, v in backend.state_dict().items())
+
+
+def test_a_directory_exported_before_the_projections_were_fused_converts(backend, exported, tmp_path, capsys):
+    from safetensors.torch import load_file, save_file
+
+    from perceiver_cli.models.attention import unfused_state_dict
+
+    older = tmp_path / "older"
+    shutil.copytree(exported, older)
+    weights = older / "model.safetensors"
+    assert "model.cross_attention.attention.kv_proj.weight" in load_file(weights)
+    save_file({f"model.{k}": v.contiguous() for k, v in unfused_state_dict(backend).items()}, str(weights))
+    assert run_cli(capsys, "convert", "--from", "hf", str(older), str(tmp_path / "back.ckpt"))[0] == 0
+    state = load_model(tmp_path / "back.ckpt", task="clm").model.state_dict()
     assert all(torch.equal(state[k], v) for k, v in backend.state_dict().items())
 
 
