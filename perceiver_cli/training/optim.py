@@ -8,6 +8,8 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
+from perceiver_cli.errors import UserError
+
 OPTIMIZERS = ("adam", "adamw", "lamb")
 SCHEDULERS = ("constant", "cosine")
 
@@ -77,7 +79,10 @@ def fused_optimizer_state(model: nn.Module, state: dict) -> dict:
     old_order = [old for group in groups for name in group for old in parts.get(name, [name])]
     old_index = {old: i for i, old in enumerate(old_order)}
     if len(old_index) != sum(len(group["params"]) for group in state["param_groups"]):
-        raise ValueError("the optimizer state does not match the model's parameters")
+        raise UserError(
+            "the checkpoint's optimizer state does not match this model's trainable parameters",
+            hint="resume with the settings the run was written with (model freeze settings included)",
+        )
     new_state, new_groups, j = {}, [], 0
     for group, saved in zip(groups, state["param_groups"], strict=True):
         new_groups.append(saved | {"params": list(range(j, j + len(group)))})
