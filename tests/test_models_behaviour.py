@@ -249,32 +249,48 @@ def test_masks_are_built_on_the_inputs_device(monkeypatch):
 
 
 @pytest.mark.parametrize("case", ["plain", "mask", "causal"])
-@pytest.mark.parametrize("n, c, c_v", [(6, 8, 20), (6, 20, 8), (256, 8, 20), (256, 20, 8)])
-def test_cpu_attention_for_unequal_head_widths_matches_sdpa(case, n, c, c_v):
+@pytest.mark.parametrize("c, c_v", [(8, 20), (20, 8)])
+@pytest.mark.parametrize(
+    "n, training, padded",
+    # (queries = keys, whether gradients flow, whether `attend` takes the zero-padded SDPA path for these sizes)
+    [(6, False, False), (448, False, True), (6, True, False), (256, True, True)],
+)
+def test_cpu_attention_for_unequal_head_widths_matches_sdpa(case, c, c_v, n, training, padded):
     # `attend` computes attention itself on the CPU when query/key and value heads differ in width (faster there
-    # than SDPA's fallback), for small score matrices (n = 6) in plain tensor operations, for large ones (n = 256)
-    # through the fused kernel on zero-padded heads; either way the numbers must be SDPA's.
-    from perceiver_cli.models.attention import attend, attention_mask
+    # than SDPA's fallback): in plain tensor operations, or through the fused kernel on zero-padded heads, by size.
+    # Either way outputs and gradients must be SDPA's.
+    from perceiver_cli.models.attention import _pads_heads, attend, attention_mask
 
     q, k, v = torch.randn(2, 4, n, c), torch.randn(2, 4, n, c), torch.randn(2, 4, n, c_v)
     pad = torch.zeros(2, n, dtype=torch.bool)
     pad[1, :2] = True
     mask = attention_mask(pad, n, n, causal=True) if case == "mask" else None
     is_causal = case == "causal"
-    expected = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal)
-    torch.testing.assert_close(attend(q, k, v, mask, is_causal, 0.0), expected, rtol=0, atol=1e-5)
-    # bfloat16 training (the plain formulation at any size): outputs and gradients as SDPA's in fp32, to bf16's
-    # precision.
-    low = [t.bfloat16().requires_grad_() for t in (q, k, v)]
-    ref = [t.clone().requires_grad_() for t in (q, k, v)]
+    ours = [t.clone().requires_grad_(training) for t in (q, k, v)]
+    ref = [t.clone().requires_grad_(training) for t in (q, k, v)]
+    assert _pads_heads(ours[0], ours[1]) == padded  # each path stays covered if the size rule changes
+    out = attend(*ours, mask, is_causal, 0.0)
+    expected = F.scaled_dot_product_attention(*ref, attn_mask=mask, is_causal=is_causal)
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-5)
+    if training:
+        grad = torch.randn_like(expected)
+        out.backward(grad)
+        expected.backward(grad)
+        for a, b in zip(ours, ref, strict=True):
+            torch.testing.assert_close(a.grad, b.grad, rtol=0, atol=1e-4)
+    # bfloat16 (padded in inference, plain in training at any size): as SDPA's in fp32, to bf16's precision.
+    low = [t.bfloat16().requires_grad_(training) for t in (q, k, v)]
+    ref = [t.clone().requires_grad_(training) for t in (q, k, v)]
+    assert _pads_heads(low[0], low[1]) == (not training)
     out = attend(*low, mask, is_causal, 0.0)
     expected = F.scaled_dot_product_attention(*ref, attn_mask=mask, is_causal=is_causal)
     torch.testing.assert_close(out.float(), expected, rtol=0, atol=3e-2)
-    grad = torch.randn_like(expected)
-    out.backward(grad.bfloat16())
-    expected.backward(grad)
-    for a, b in zip(low, ref, strict=True):
-        torch.testing.assert_close(a.grad.float(), b.grad, rtol=0, atol=6e-2)
+    if training:
+        grad = torch.randn_like(expected)
+        out.backward(grad.bfloat16())
+        expected.backward(grad)
+        for a, b in zip(low, ref, strict=True):
+            torch.testing.assert_close(a.grad.float(), b.grad, rtol=0, atol=6e-2)
 
 
 # --- fused projections -----------------------------------------------------------------------------------------

@@ -173,18 +173,13 @@ def attend(
     """softmax(q k^T / sqrt(c)) v for (B, H, N, c) heads, through `scaled_dot_product_attention`.
 
     SDPA has no fused CPU kernel for query/key heads and value heads of different widths (the Perceiver IO layouts),
-    and its fallback is 1.3-2.7x slower than the plain formulation below. For large score matrices, padding the
-    narrower heads with zeros to the wider width (zeros change no score and no output channel we keep) and running
-    the fused kernel is faster still: 1.9-2.6x in inference, 1.2-1.8x in training at 131k scores per head; below
-    about 65k the plain formulation wins. Training in bfloat16 or float16 keeps the plain formulation, whose
-    products run on the matrix units: the fused kernel's backward pass took 2.5x as long (91.6 against 36.3 ms at
-    128 x 1,024 scores x 64 heads). All measured on this project's 2-core machine; `python -m benchmarks` shows the
-    effect end to end.
+    and its fallback is 1.3-2.7x slower than the plain formulation below. Padding the narrower heads with zeros to
+    the wider width (zeros change no score and no output channel we keep) runs the fused kernel instead, which
+    never holds the whole score matrix; `_pads_heads` says when that pays.
     """
     c, c_v = q.shape[-1], v.shape[-1]
     if q.device.type == "cpu" and c != c_v:
-        low_precision_training = q.requires_grad and q.dtype in (torch.bfloat16, torch.float16)
-        if q.shape[2] * k.shape[2] < 65536 or low_precision_training:
+        if not _pads_heads(q, k):
             scores = (q * c**-0.5) @ k.transpose(-2, -1)  # (B, H, Nq, Nk)
             if is_causal:
                 mask = attention_mask(None, q.shape[2], k.shape[2], True, q.device)
@@ -199,6 +194,25 @@ def attend(
         o = F.scaled_dot_product_attention(q, k, v, mask, dropout, is_causal, scale=c**-0.5)
         return o[..., :c_v]
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=is_causal)
+
+
+def _pads_heads(q: torch.Tensor, k: torch.Tensor) -> bool:
+    """Whether attention of unequal head widths on the CPU is faster through SDPA on zero-padded heads than in the
+    plain formulation. Measured on this project's 2-core machine:
+
+    - training in fp32: padding wins from about 65k scores per head (1.2-1.8x at 131k); below, the plain
+      formulation's products beat the fused kernel's backward pass.
+    - training in bfloat16 or float16: the plain formulation at every size, its products run on the matrix units
+      (the fused kernel's backward took 2.5x as long: 91.6 against 36.3 ms at 128 x 1,024 scores x 64 heads).
+    - inference in fp32: padding wins once the scores of all heads outgrow the caches, from about 1.5M scores
+      (6 MB): 2.1-2.3x at 2.1M (the `mlm-small` encoder's 16 x 4 heads x 64 x 512), about even at 1.0-1.3M,
+      0.7-0.8x at 0.26-0.5M, where the whole matrix stays in cache.
+    - inference in bfloat16: padding, 1.0-2.2x from 4k to 131k scores per head.
+    """
+    low_precision = q.dtype in (torch.bfloat16, torch.float16)
+    if q.requires_grad or k.requires_grad:
+        return not low_precision and q.shape[2] * k.shape[2] >= 65536
+    return low_precision or q.shape[0] * q.shape[1] * q.shape[2] * k.shape[2] >= 1_500_000
 
 
 class MultiHeadAttention(nn.Module):
