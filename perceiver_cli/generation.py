@@ -183,6 +183,8 @@ class PerceiverARDecoder:
 
     def _start(self) -> torch.Tensor:
         logits = self.model(self.tokens, self.prefix_len, cache=self.cache)[:, -1]  # (1, V)
+        if self.batch_size == 1:
+            return logits
         # Every sequence starts from the same prompt: compute it once, then copy tokens and cache.
         copies = torch.zeros(self.batch_size, dtype=torch.long, device=self.tokens.device)
         self.tokens = self.tokens[copies]
@@ -206,7 +208,7 @@ class PerceiverARDecoder:
             kept = reusable_prefix(old_window, self.window)
             self.cache.keep_prefix(kept)
             return self.model(self.tokens[:, kept:], self.prefix_len - kept, cache=self.cache)[:, -1]
-        return self.model(tokens[:, None], 0, cache=self.cache)[:, -1]
+        return self.model.step(tokens, self.cache)
 
 
 def generate_tokens(

@@ -19,7 +19,7 @@ from perceiver_cli.generation import (
     initial_num_latents,
     process_logits,
 )
-from perceiver_cli.models.clm import CausalLanguageModel
+from perceiver_cli.models.clm import CausalLanguageModel, Window
 from perceiver_cli.models.mlm import MaskedLanguageModel
 from tiny_models import tiny_clm_config, tiny_mlm_config
 from cli_runner import assert_one_error, run_cli, write_run
@@ -103,27 +103,60 @@ def test_cache_is_exact_in_every_phase(abs_pos_emb):
     assert max(prefix_lens) > 15 and max(lengths) == 48  # latents joined the prefix and the window filled up
 
 
+@pytest.mark.parametrize("abs_pos_emb, rotary_layers", [(True, 1), (False, -1), (True, 0)])
+def test_a_cached_step_computes_what_the_forward_pass_computes(abs_pos_emb, rotary_layers):
+    # `step` is the forward pass of one new latent per sequence with the general case's masks and reshapes left
+    # out: three different sequences at once, several steps, the same logits and the same caches.
+    model = clm(abs_pos_emb=abs_pos_emb, num_self_attention_rotary_layers=rotary_layers)
+    prompts = torch.stack([torch.tensor(prompt_of(n)[:14]) for n in (14, 15, 16)])  # (3, 14)
+    by_step, by_forward = model.empty_cache(), model.empty_cache()
+    with torch.inference_mode():
+        model(prompts, 10, cache=by_step)  # 10 prefix positions, 4 latents
+        model(prompts, 10, cache=by_forward)
+        tokens = prompts[:, -1]
+        for _ in range(8):  # up to the 12 latents of the model
+            expected = model(tokens[:, None], 0, cache=by_forward)[:, -1]
+            logits = model.step(tokens, by_step)
+            torch.testing.assert_close(logits, expected, rtol=0, atol=1e-6)
+            tokens = logits.argmax(dim=-1)
+        for mine, theirs in zip([by_step.cross_attention, *by_step.self_attention],
+                                [by_forward.cross_attention, *by_forward.self_attention], strict=True):
+            torch.testing.assert_close(mine.k, theirs.k, rtol=0, atol=1e-6)
+            torch.testing.assert_close(mine.v, theirs.v, rtol=0, atol=1e-6)
+        assert len(by_step) == 14 + 8 and by_step.num_latents == 12
+        with pytest.raises(ValueError, match="13 latents exceed max_latents 12"):
+            model.step(tokens, by_step)
+
+
 def test_a_rebuild_recomputes_only_what_moved(monkeypatch):
     # Latents joining the prefix of a window that grows in place keep the older prefix's keys and values: the
     # rebuild runs over the latents and the tokens that joined the prefix. Once the window slides, every position
-    # moved and the rebuild runs over the whole window. (That the rebuilt cache is exact is the test above.)
+    # moved and the rebuild runs over the whole window. Every other step is one token through `step`. (That the
+    # rebuilt cache is exact is the test above.)
     model = clm()  # max_seq_len 48, max_latents 12
-    fed = []
-    forward = model.forward
-    monkeypatch.setattr(model, "forward", lambda x, *args, **kwargs: fed.append(x.shape[1]) or forward(x, *args,
-                                                                                                       **kwargs))
+    fed = []  # tokens fed by each call: a full pass (`forward`) or one token per sequence (`step`)
+    forward, step = model.forward, model.step
+    monkeypatch.setattr(model, "forward", lambda x, *args, **kwargs: fed.append(("forward", x.shape[1]))
+                        or forward(x, *args, **kwargs))
+    monkeypatch.setattr(model, "step", lambda tokens, cache: fed.append(("step", 1)) or step(tokens, cache))
     decoder = PerceiverARDecoder(model, torch.tensor(prompt_of(20)), 12, batch_size=1, use_cache=True)
     logits = decoder.start()
-    rebuilds = []
+    rebuilds, steps = [], 0
     for _ in range(60):
         before = decoder.window
+        fed.clear()
         logits = decoder.step(logits.argmax(dim=-1))
-        if fed[-1] > 1:
-            rebuilds.append((before, decoder.window, fed[-1]))
+        (kind, n), = fed  # one call per step
+        if kind == "forward":
+            rebuilds.append((before, decoder.window, n))
+        else:
+            steps += 1
+            assert decoder.window == Window(before.length + 1, before.num_latents + 1)
     in_place = [n for old, new, n in rebuilds if new.length == old.length + 1]
     slid = [(new.length, n) for old, new, n in rebuilds if new.length <= old.length]
     assert in_place and all(n == 12 + 1 for n in in_place)  # the 12 latents before, plus the new token
     assert slid and all(n == length for length, n in slid)
+    assert steps == 60 - len(rebuilds) and steps > 40
 
 
 def test_fp32_cpu_decoding_runs_without_onednn_and_restores_the_flag(monkeypatch):
@@ -131,9 +164,10 @@ def test_fp32_cpu_decoding_runs_without_onednn_and_restores_the_flag(monkeypatch
     # only: the global flag is back as it was after every step, and between steps.
     model = clm()
     during = []
-    forward = model.forward
+    forward, step = model.forward, model.step
     monkeypatch.setattr(model, "forward", lambda *a, **k: during.append(torch.backends.mkldnn.enabled) or forward(*a,
                                                                                                               **k))
+    monkeypatch.setattr(model, "step", lambda *a: during.append(torch.backends.mkldnn.enabled) or step(*a))
     assert torch.backends.mkldnn.enabled
     between = [torch.backends.mkldnn.enabled for _ in generate_tokens(model, prompt_of(5), greedy(4))]
     assert during == [False] * 4 and between == [True] * 4 and torch.backends.mkldnn.enabled

@@ -16,16 +16,16 @@ class TokenInputAdapter(nn.Module):
         self.txt_embedding = nn.Embedding(vocab_size, num_channels)
         self.pos_embedding = nn.Embedding(max_seq_len, num_channels) if abs_pos_emb else None
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
-        """`positions` (B, N) defaults to 0 .. N-1 for every example."""
+    def forward(self, x: torch.Tensor, positions: torch.Tensor | None = None, start: int = 0) -> torch.Tensor:
+        """`positions` (B, N) defaults to start .. start + N - 1 for every example."""
         n = x.shape[1]
-        if n > self.max_seq_len:
-            raise ValueError(f"input length {n} exceeds the model's max_seq_len {self.max_seq_len}")
+        if start + n > self.max_seq_len:
+            raise ValueError(f"input length {start + n} exceeds the model's max_seq_len {self.max_seq_len}")
         emb = self.txt_embedding(x)
         if self.pos_embedding is None:
             return emb
         if positions is None:
-            return emb + self.pos_embedding.weight[:n]  # a slice, not a lookup: no index tensor, no gather
+            return emb + self.pos_embedding.weight[start : start + n]  # a slice, not a lookup: no index tensor
         return emb + self.pos_embedding(positions)
 
 

@@ -70,14 +70,23 @@ class RotaryTable:
 
     def at(self, positions: torch.Tensor, bound: int, dtype: torch.dtype) -> Rotary:
         """The rotation (B, 1, N, dim) of `positions` (B, N), all of which are below `bound`."""
+        table = self._covering(bound, positions.device, dtype)
+        return Rotary(table.cos[positions][:, None], table.sin[positions][:, None])
+
+    def span(self, start: int, length: int, device: torch.device, dtype: torch.dtype) -> Rotary:
+        """The rotation (1, 1, length, dim) of positions start .. start + length - 1, the same for every example: a
+        slice of the table, no index tensor."""
+        table = self._covering(start + length, device, dtype)
+        return Rotary(table.cos[None, None, start : start + length], table.sin[None, None, start : start + length])
+
+    def _covering(self, bound: int, device: torch.device, dtype: torch.dtype) -> Rotary:
         table = self._table
-        if table is None or table.cos.shape[0] < bound or table.cos.device != positions.device \
-                or table.cos.dtype != dtype:
+        if table is None or table.cos.shape[0] < bound or table.cos.device != device or table.cos.dtype != dtype:
             with torch.inference_mode(False), torch.no_grad():  # an ordinary tensor, usable in training too
                 length = max(2 * bound, 64)
-                table = Rotary.at(torch.arange(length, device=positions.device)[None], self.dim, dtype)
+                table = Rotary.at(torch.arange(length, device=device)[None], self.dim, dtype)
             self._table = table = Rotary(table.cos[0, 0], table.sin[0, 0])
-        return Rotary(table.cos[positions][:, None], table.sin[positions][:, None])
+        return table
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -178,7 +187,7 @@ def attend(
     never holds the whole score matrix; `_pads_heads` says when that pays.
     """
     c, c_v = q.shape[-1], v.shape[-1]
-    if q.device.type == "cpu" and c != c_v:
+    if q.is_cpu and c != c_v:
         if not _pads_heads(q, k):
             scores = (q * c**-0.5) @ k.transpose(-2, -1)  # (B, H, Nq, Nk)
             if is_causal:
@@ -213,6 +222,17 @@ def _pads_heads(q: torch.Tensor, k: torch.Tensor) -> bool:
     if q.requires_grad or k.requires_grad:
         return not low_precision and q.shape[2] * k.shape[2] >= 65536
     return low_precision or q.shape[0] * q.shape[1] * q.shape[2] * k.shape[2] >= 1_500_000
+
+
+def call_linear(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """`layer(x)` without `nn.Module.__call__`, whose hook checks and dispatch cost about as much as a one-token
+    matrix-vector product's arithmetic: for cached generation steps, which make 22 such calls (no hooks run)."""
+    return F.linear(x, layer.weight, layer.bias)
+
+
+def call_layer_norm(norm: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
+    """`norm(x)` without `nn.Module.__call__`: see `call_linear`."""
+    return F.layer_norm(x, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
 
 
 class MultiHeadAttention(nn.Module):
@@ -330,6 +350,28 @@ class MultiHeadAttention(nn.Module):
             o = torch.cat([attend(qc, kc, vc, mask, is_causal, dropout) for qc, kc, vc in chunks], dim=1)
         o = o.transpose(1, 2).flatten(2)  # (B, Nq, H * c_v)
         return self.o_proj(o)
+
+    def step(self, h: torch.Tensor, cache: KVCache, rotary: Rotary | None = None) -> torch.Tensor:
+        """`forward` for a cached generation step: one new position per sequence, h (B, 1, C), which gives the
+        queries, keys and values (Perceiver AR's cross-attention has no new prefix then) and attends to itself and
+        every cached position, so there is no mask.
+
+        The same numbers as `forward` with less overhead: a step of a small model on the CPU is bound by the cost
+        of each call, not by arithmetic, so this path skips the general case's reshapes and masks, and calls the
+        projections' functions directly instead of through `nn.Module.__call__` (see `call_linear`)."""
+        b, heads = h.shape[0], self.num_heads
+        if self.self_attention:
+            qkv = call_linear(self.qkv_proj, h)
+            q, k, v = qkv.split([self.num_qk_channels, self.num_qk_channels, self.num_v_channels], dim=-1)
+        else:
+            q = call_linear(self.q_proj, h)
+            k, v = call_linear(self.kv_proj, h).split([self.num_qk_channels, self.num_v_channels], dim=-1)
+        q, k, v = q.view(b, heads, 1, -1), k.view(b, heads, 1, -1), v.view(b, heads, 1, -1)  # (B, H, 1, c): N = 1
+        if rotary is not None:
+            q, k = rotary.rotate(q), rotary.rotate(k)
+        k, v = cache.extend(k, v)
+        o = attend(q, k, v, None, False, 0.0)  # (B, H, 1, c_v)
+        return call_linear(self.o_proj, o.reshape(b, 1, -1))
 
     def _heads(self, x: torch.Tensor, num_heads: int | None = None) -> torch.Tensor:
         # (B, N, H*c) -> (B, H, N, c), a view

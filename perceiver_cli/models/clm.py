@@ -100,6 +100,18 @@ class CausalLanguageModel(PerceiverAR):
             h = self.out_norm(h)
         return tied_logits(h, self.input_adapter.txt_embedding, self.output_bias)
 
+    def step(self, tokens: torch.Tensor, cache: PerceiverARCache) -> torch.Tensor:
+        """Logits (B, V) of the token after `tokens` (B,), the newest token of each sequence, which joins `cache` as
+        one more latent: `forward(tokens[:, None], 0, cache=cache)[:, -1]` with less overhead (a cached generation
+        step). Sequences without padding only: the new token's position is len(cache)."""
+        if cache.num_latents + 1 > self.max_latents:
+            raise ValueError(f"{cache.num_latents + 1} latents exceed max_latents {self.max_latents}")
+        x = self.input_adapter(tokens[:, None], start=len(cache))  # (B, 1, C)
+        h = super().step(x, cache)
+        if self.out_norm is not None:
+            h = self.out_norm(h)
+        return tied_logits(h[:, 0], self.input_adapter.txt_embedding, self.output_bias)
+
     @staticmethod
     def _positions(pad_mask: torch.Tensor | None, num_cached: int, n: int, device: torch.device) -> torch.Tensor:
         """Positions (B, n) of the n new tokens: count of real tokens before each one (left padding -> 0)."""

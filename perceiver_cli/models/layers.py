@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from perceiver_cli.models.attention import KVCache, MultiHeadAttention, Rotary
+from perceiver_cli.models.attention import KVCache, MultiHeadAttention, Rotary, call_layer_norm, call_linear
 
 
 def run_layer(layer: nn.Module, *args, checkpointed: bool = False, **kwargs) -> torch.Tensor:
@@ -35,6 +35,10 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(F.gelu(self.fc1(self.norm(x))))  # exact (erf) GELU, as in the paper and transformers
+
+    def step(self, x: torch.Tensor) -> torch.Tensor:
+        """`forward` for a cached generation step, without `nn.Module.__call__` (see `call_linear`)."""
+        return call_linear(self.fc2, F.gelu(call_linear(self.fc1, call_layer_norm(self.norm, x))))
 
 
 class CrossAttentionLayer(nn.Module):
@@ -103,6 +107,13 @@ class CrossAttentionLayer(nn.Module):
         x = x_q + attended if self.attention_residual else attended
         return x + dropout(self.mlp(x), self.residual_dropout, self.training)
 
+    def step(self, x: torch.Tensor, cache: KVCache, rotary: Rotary | None = None) -> torch.Tensor:
+        """`forward` for Perceiver AR's cached generation step: one new latent per sequence, x (B, 1, C), which is
+        also the only new key/value position (see `MultiHeadAttention.step`). Inference only: no dropout."""
+        attended = self.attention.step(call_layer_norm(self.q_norm, x), cache, rotary)
+        x = x + attended if self.attention_residual else attended
+        return x + self.mlp.step(x)
+
 
 class SelfAttentionLayer(nn.Module):
     """Self-attention, then an MLP, both with residual connections."""
@@ -152,6 +163,11 @@ class SelfAttentionLayer(nn.Module):
         x = x + dropout(attended, self.residual_dropout, self.training)
         return x + dropout(self.mlp(x), self.residual_dropout, self.training)
 
+    def step(self, x: torch.Tensor, cache: KVCache, rotary: Rotary | None = None) -> torch.Tensor:
+        """`forward` for a cached generation step, x (B, 1, C): see `MultiHeadAttention.step`. No dropout."""
+        x = x + self.attention.step(call_layer_norm(self.norm, x), cache, rotary)
+        return x + self.mlp.step(x)
+
 
 class SelfAttentionBlock(nn.Module):
     """A stack of self-attention layers; the first `num_rotary_layers` use the rotary embedding (-1: all)."""
@@ -178,4 +194,10 @@ class SelfAttentionBlock(nn.Module):
                 cache=None if caches is None else caches[i],
                 checkpointed=self.activation_checkpointing,
             )
+        return x
+
+    def step(self, x: torch.Tensor, caches: list[KVCache], rotary: Rotary | None = None) -> torch.Tensor:
+        """`forward` for a cached generation step, x (B, 1, C): see `MultiHeadAttention.step`."""
+        for i, (layer, cache) in enumerate(zip(self.layers, caches, strict=True)):
+            x = layer.step(x, cache, rotary if i < self.num_rotary_layers else None)
         return x

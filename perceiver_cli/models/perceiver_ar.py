@@ -147,6 +147,15 @@ class PerceiverAR(nn.Module):
             sa_pad_mask = None if pad_mask is None else pad_mask[:, -num_sa_keys:]
             return self.self_attention(x_latent, pad_mask=sa_pad_mask, rotary=rotary_latent, caches=sa_caches)
 
+    def step(self, x: torch.Tensor, cache: PerceiverARCache) -> torch.Tensor:
+        """A cached generation step: x (B, 1, C), the embedded newest token of each sequence, joins the cache as one
+        more latent at position len(cache); returns its output (B, 1, C). The same numbers as
+        `forward(x, positions, 0, cache=cache)`, in about two thirds of the time on the CPU (see
+        `MultiHeadAttention.step`)."""
+        rotary = self.rotary_table.span(len(cache), 1, x.device, x.dtype)  # (1, 1, 1, r)
+        x = self.cross_attention.step(x, cache.cross_attention, rotary)
+        return self.self_attention.step(x, cache.self_attention, rotary)
+
     def _drop_prefix(
         self, x_prefix: torch.Tensor, rotary: Rotary, pad_mask: torch.Tensor | None, prefix_len: int
     ) -> tuple[torch.Tensor, Rotary, torch.Tensor | None]:
