@@ -209,14 +209,22 @@ def _pads_heads(q: torch.Tensor, k: torch.Tensor) -> bool:
     """Whether attention of unequal head widths on the CPU is faster through SDPA on zero-padded heads than in the
     plain formulation. Measured on this project's 2-core machine:
 
-    - training in fp32: padding wins from about 65k scores per head (1.2-1.8x at 131k); below, the plain
-      formulation's products beat the fused kernel's backward pass.
+    - training in fp32: padding from 65k scores per head. There the two run at about the same speed end to end
+      (the scaled-down paper layout's training step: 0.99-1.01x), and the fused kernel keeps no score matrix for
+      the backward pass (16 MB less activation memory in that step; the matrix grows with batch x heads x latents
+      x inputs). Below, the plain formulation is faster.
     - training in bfloat16 or float16: the plain formulation at every size, its products run on the matrix units
       (the fused kernel's backward took 2.5x as long: 91.6 against 36.3 ms at 128 x 1,024 scores x 64 heads).
-    - inference in fp32: padding wins once the scores of all heads outgrow the caches, from about 1.5M scores
-      (6 MB): 2.1-2.3x at 2.1M (the `mlm-small` encoder's 16 x 4 heads x 64 x 512), about even at 1.0-1.3M,
-      0.7-0.8x at 0.26-0.5M, where the whole matrix stays in cache.
-    - inference in bfloat16: padding, 1.0-2.2x from 4k to 131k scores per head.
+    - inference in fp32: padding wins once the score matrices of all heads are large, from about 1.5M scores
+      (6 MB). The plain formulation allocates that matrix anew at every call, and glibc hands back memory this
+      large to the system when it is freed, so every page faults again on first touch: at 2.1M scores (the
+      `mlm-small` encoder's 16 x 4 heads x 64 x 512) plain took 13.4 ms and padding 6.1 ms in a fresh process;
+      where the allocator keeps the memory (`MALLOC_MMAP_THRESHOLD_` and `MALLOC_TRIM_THRESHOLD_` set high) they
+      were 6.0 against 5.5 ms. About even at 1.0-1.3M scores; the plain formulation wins below (0.7-0.8x at
+      0.26-0.5M). End to end, fill-mask in a fresh process: 1.16-1.25x for `mlm-small`, 1.03-1.10x for the paper
+      layout; after training steps have grown the heap, 1.0x and 1.03x.
+    - inference in bfloat16: padding, 1.0-2.2x from 4k to 131k scores per head (1.1-1.9x where the allocator
+      keeps the memory).
     """
     low_precision = q.dtype in (torch.bfloat16, torch.float16)
     if q.requires_grad or k.requires_grad:
