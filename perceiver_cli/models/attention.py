@@ -367,17 +367,20 @@ class MultiHeadAttention(nn.Module):
         The same numbers as `forward` with less overhead: a step of a small model on the CPU is bound by the cost
         of each call, not by arithmetic, so this path skips the general case's reshapes and masks, and calls the
         projections' functions directly instead of through `nn.Module.__call__` (see `call_linear`)."""
-        b, heads = h.shape[0], self.num_heads
+        b, heads = h.shape[0], self.num_heads  # N = 1: (B, 1, H * c) views as (B, H, 1, c)
         if self.self_attention:
-            qkv = call_linear(self.qkv_proj, h)
-            q, k, v = qkv.split([self.num_qk_channels, self.num_qk_channels, self.num_v_channels], dim=-1)
+            qk, v = call_linear(self.qkv_proj, h).split([2 * self.num_qk_channels, self.num_v_channels], dim=-1)
+            qk = qk.view(b, 2 * heads, 1, -1)  # (B, 2H, 1, c): queries, then keys
+            if rotary is not None:
+                qk = rotary.rotate(qk)  # both at once
+            q, k = qk.chunk(2, dim=1)
         else:
-            q = call_linear(self.q_proj, h)
+            q = call_linear(self.q_proj, h).view(b, heads, 1, -1)
             k, v = call_linear(self.kv_proj, h).split([self.num_qk_channels, self.num_v_channels], dim=-1)
-        q, k, v = q.view(b, heads, 1, -1), k.view(b, heads, 1, -1), v.view(b, heads, 1, -1)  # (B, H, 1, c): N = 1
-        if rotary is not None:
-            q, k = rotary.rotate(q), rotary.rotate(k)
-        k, v = cache.extend(k, v)
+            k = k.view(b, heads, 1, -1)
+            if rotary is not None:
+                q, k = rotary.rotate(q), rotary.rotate(k)
+        k, v = cache.extend(k, v.view(b, heads, 1, -1))
         o = attend(q, k, v, None, False, 0.0)  # (B, H, 1, c_v)
         return call_linear(self.o_proj, o.reshape(b, 1, -1))
 
