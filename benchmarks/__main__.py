@@ -51,9 +51,10 @@ def side_by_side(ours, theirs, repeats: int, warmup: int = 2) -> tuple[float, fl
     return statistics.median(a), statistics.median(b)
 
 
-def row(name: str, ours: float, theirs: float | None, unit: str, note: str = "", higher_is_better: bool = True):
-    ratio = None
-    if theirs:
+def row(name: str, ours: float, theirs: float | None, unit: str, note: str = "", higher_is_better: bool = True,
+        ratio: float | None = None):
+    """Record and print one row; `ratio` defaults to ours against theirs (better over worse when higher is not)."""
+    if ratio is None and theirs:
         ratio = ours / theirs if higher_is_better else theirs / ours
     RESULTS.append({"name": name, "ours": ours, "theirs": theirs, "unit": unit, "ratio": ratio, "note": note})
     shown = f"{ratio:.2f}x" if ratio is not None else "-"
@@ -151,21 +152,19 @@ def generation_rows(sizes: dict) -> None:
     # Past max_seq_len the window slides: a token must cost what it cost before the window was full.
     window, block = sizes["slide_max_seq_len"], sizes["slide_block"]
     model = bm.generation_model(window, sizes["slide_latents"])
-    blocks = slide_blocks(model, sizes)
-    ends = [sizes["slide_prompt"] + block * (i + 1) for i in range(len(blocks))]  # sequence length after each block
-    before = [t for t, end in zip(blocks, ends, strict=True) if end <= window]
-    far_past = blocks[len(blocks) // 2 :]  # 2x to 4x past max_seq_len
-    row(f"generate past max_seq_len ({window}): ms per token, {ends[len(blocks) // 2]:,}-{ends[-1]:,} tokens",
-        1000 * statistics.median(far_past), 1000 * statistics.median(before), "ms",
-        f"vs up to {window} tokens; flat is 1.0x", higher_is_better=False)
-    RESULTS[-1]["per_block_ms"] = [1000 * t for t in blocks]
-
-
-def slide_blocks(model, sizes: dict) -> list[float]:
-    """Median over repetitions of the per-token seconds of each block (see `per_token_seconds`)."""
-    runs = [bm.per_token_seconds(model, sizes["slide_prompt"], sizes["slide_new_tokens"], sizes["slide_block"])
+    runs = [bm.per_token_seconds(model, sizes["slide_prompt"], sizes["slide_new_tokens"], block)
             for _ in range(sizes["gen_repeats"])]
-    return [statistics.median(block) for block in zip(*runs, strict=True)]
+    ends = [sizes["slide_prompt"] + block * (i + 1) for i in range(len(runs[0]))]  # sequence length after each block
+    before = [i for i, end in enumerate(ends) if end <= window]
+    far_past = range(len(ends) // 2, len(ends))  # 2x to 4x past max_seq_len
+    # The blocks of one run follow each other in time, so a drift of the machine's speed during a run would read as
+    # a change with the length: compare within each run, and take the median over runs.
+    per_run = [(statistics.median(t[i] for i in far_past), statistics.median(t[i] for i in before)) for t in runs]
+    far_s, before_s = (statistics.median(side) for side in zip(*per_run, strict=True))
+    row(f"generate past max_seq_len ({window}): ms per token, {ends[len(ends) // 2]:,}-{ends[-1]:,} tokens",
+        1000 * far_s, 1000 * before_s, "ms", f"vs up to {window} tokens; flat is 1.0x", higher_is_better=False,
+        ratio=statistics.median(b / f for f, b in per_run))
+    RESULTS[-1]["per_block_ms"] = [1000 * statistics.median(block) for block in zip(*runs, strict=True)]
 
 
 def rate_against_peak(result: dict, step, step_flops: int, precision: str, sizes: dict) -> None:
