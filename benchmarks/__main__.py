@@ -16,6 +16,7 @@ import statistics
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -34,9 +35,18 @@ def median_seconds(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
-def side_by_side(ours, theirs, repeats: int, warmup: int = 2) -> tuple[float, float]:
-    """Median seconds of each, alternating the two (and which goes first) so that drifts of this shared machine
-    (other load, caches, clock) hit both alike."""
+@dataclass
+class SideBySide:
+    ours: float  # median seconds
+    theirs: float
+    speedup: float  # median over the alternated pairs of theirs / ours: how many times faster ours is
+
+
+def side_by_side(ours, theirs, repeats: int, warmup: int = 2) -> SideBySide:
+    """Time the two alternately (and which goes first), so that drifts of this shared machine (other load, caches,
+    clock) hit both alike. The speedup is the median of the pairs' ratios: a pair runs within seconds, so a change
+    of the machine's speed during the measurement moves both of its sides, where it would move only one side's
+    median."""
     for _ in range(warmup):
         ours()
         theirs()
@@ -48,7 +58,7 @@ def side_by_side(ours, theirs, repeats: int, warmup: int = 2) -> tuple[float, fl
         else:
             a.append(median_seconds(ours, 1))
             b.append(median_seconds(theirs, 1))
-    return statistics.median(a), statistics.median(b)
+    return SideBySide(statistics.median(a), statistics.median(b), statistics.median(y / x for x, y in zip(a, b)))
 
 
 def row(name: str, ours: float, theirs: float | None, unit: str, note: str = "", higher_is_better: bool = True,
@@ -60,6 +70,11 @@ def row(name: str, ours: float, theirs: float | None, unit: str, note: str = "",
     shown = f"{ratio:.2f}x" if ratio is not None else "-"
     print(f"  {name}: ours {ours:,.1f} {unit}" + (f", other {theirs:,.1f}" if theirs else "") + f" ({shown})",
           flush=True)
+
+
+def tokens_row(name: str, tokens: int, timing: SideBySide, note: str) -> None:
+    """A throughput row: `tokens` per call, from the median seconds of each side; the ratio is the pairs' speedup."""
+    row(name, tokens / timing.ours, tokens / timing.theirs, "tok/s", note, ratio=timing.speedup)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -79,29 +94,26 @@ def mlm_rows(sizes: dict) -> None:
             n = config.encoder.max_seq_len
             batch = bm.mlm_batch(b, n)
             train_ours, train_hf = bm.mlm_train_steps(ours, hf, batch, precision)
-            s_ours, s_hf = side_by_side(train_ours, train_hf, sizes["repeats"])
-            row(f"MLM train step ({label}{suffix})", b * n / s_ours, b * n / s_hf, "tok/s", "vs transformers")
+            tokens_row(f"MLM train step ({label}{suffix})", b * n,
+                       side_by_side(train_ours, train_hf, sizes["repeats"]), "vs transformers")
             step_flops = bm.flops(train_ours)  # the same for the compiled step
             rate_against_peak(RESULTS[-1], train_ours, step_flops, precision, sizes)
             infer_ours, infer_hf = bm.mlm_fill_mask(ours, hf, batch, precision)
-            s_ours, s_hf = side_by_side(infer_ours, infer_hf, sizes["repeats"])
-            row(f"MLM fill-mask forward ({label}{suffix})", b * n / s_ours, b * n / s_hf, "tok/s", "vs transformers")
+            tokens_row(f"MLM fill-mask forward ({label}{suffix})", b * n,
+                       side_by_side(infer_ours, infer_hf, sizes["repeats"]), "vs transformers")
             if precision != "32":  # the bf16 lever: ours in bf16 against transformers as it runs by default, fp32
                 _, train_hf32 = bm.mlm_train_steps(ours, hf, batch, "32")
-                s_ours, s_hf = side_by_side(train_ours, train_hf32, sizes["repeats"])
-                row(f"MLM train step ({label}, ours {precision})", b * n / s_ours, b * n / s_hf, "tok/s",
-                    "vs transformers in fp32")
+                tokens_row(f"MLM train step ({label}, ours {precision})", b * n,
+                           side_by_side(train_ours, train_hf32, sizes["repeats"]), "vs transformers in fp32")
                 _, infer_hf32 = bm.mlm_fill_mask(ours, hf, batch, "32")
-                s_ours, s_hf = side_by_side(infer_ours, infer_hf32, sizes["repeats"])
-                row(f"MLM fill-mask forward ({label}, ours {precision})", b * n / s_ours, b * n / s_hf, "tok/s",
-                    "vs transformers in fp32")
+                tokens_row(f"MLM fill-mask forward ({label}, ours {precision})", b * n,
+                           side_by_side(infer_ours, infer_hf32, sizes["repeats"]), "vs transformers in fp32")
             if sizes["compile"] and precision == "32":  # trainer.compile = true
                 compiled_ours = bm.compiled(ours)
                 train_compiled, _ = bm.mlm_train_steps(compiled_ours, hf, batch)
                 train_compiled()  # compiles (tens of seconds), outside the timing
-                s_ours, s_hf = side_by_side(train_compiled, train_hf, sizes["repeats"])
-                row(f"MLM train step ({label}, compiled)", b * n / s_ours, b * n / s_hf, "tok/s",
-                    "trainer.compile vs transformers")
+                tokens_row(f"MLM train step ({label}, compiled)", b * n,
+                           side_by_side(train_compiled, train_hf, sizes["repeats"]), "trainer.compile vs transformers")
                 rate_against_peak(RESULTS[-1], train_compiled, step_flops, precision, sizes)
 
 
@@ -113,11 +125,12 @@ def clm_scaling_rows(sizes: dict) -> dict:
         ar, full = bm.clm_pair(n, sizes["clm_latents"])
         x = torch.randint(6, 262, (sizes["clm_batch"], n + 1))
         step_ar, step_full = bm.clm_train_steps(ar, full, x, sizes["clm_latents"])
-        s_ar, s_full = side_by_side(step_ar, step_full, sizes["clm_repeats"])
+        timing = side_by_side(step_ar, step_full, sizes["clm_repeats"])
+        s_ar, s_full = timing.ours, timing.theirs
         act_ar, act_full = bm.activation_bytes(step_ar), bm.activation_bytes(step_full)
         peak_ar, peak_full = peak_memory("ar", n, sizes), peak_memory("full", n, sizes)
         tokens = sizes["clm_batch"] * n
-        row(f"CLM train step, {n} tokens", tokens / s_ar, tokens / s_full, "tok/s", "vs full attention")
+        tokens_row(f"CLM train step, {n} tokens", tokens, timing, "vs full attention")
         row(f"CLM activation memory, {n} tokens", act_ar / 2**20, act_full / 2**20, "MiB",
             "saved for the backward pass", higher_is_better=False)
         if peak_ar and peak_full:
@@ -145,9 +158,8 @@ def generation_rows(sizes: dict) -> None:
     model = bm.generation_model(sizes["gen_max_seq_len"], sizes["gen_latents"])
     for prompt_len in sizes["gen_prompts"]:
         cached, uncached = bm.generation_runs(model, prompt_len, sizes["gen_new_tokens"])
-        s_cached, s_uncached = side_by_side(cached, uncached, sizes["gen_repeats"], warmup=1)
-        new = sizes["gen_new_tokens"]
-        row(f"generate, {prompt_len}-token prompt", new / s_cached, new / s_uncached, "tok/s", "cache vs none")
+        timing = side_by_side(cached, uncached, sizes["gen_repeats"], warmup=1)
+        tokens_row(f"generate, {prompt_len}-token prompt", sizes["gen_new_tokens"], timing, "cache vs none")
 
     # Past max_seq_len the window slides: a token must cost what it cost before the window was full.
     window, block = sizes["slide_max_seq_len"], sizes["slide_block"]
@@ -171,8 +183,9 @@ def rate_against_peak(result: dict, step, step_flops: int, precision: str, sizes
     """Time `step` side by side with the matmul peak of its precision (fp32, or bfloat16 for bf16-mixed, whose
     products run in bfloat16) and note its model FLOPs utilisation in `result`."""
     product, product_flops = bm.matmul(sizes["peak_n"], torch.float32 if precision == "32" else torch.bfloat16)
-    s_step, s_product = side_by_side(step, product, sizes["repeats"])
-    result |= {"peak_flops": product_flops / s_product, "mfu": (step_flops / s_step) / (product_flops / s_product),
+    timing = side_by_side(step, product, sizes["repeats"])
+    # Utilisation = (step FLOPs / step time) / (product FLOPs / product time), per pair: speedup = product / step.
+    result |= {"peak_flops": product_flops / timing.theirs, "mfu": step_flops / product_flops * timing.speedup,
                "precision": precision}
 
 

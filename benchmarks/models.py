@@ -52,7 +52,7 @@ def sizes(quick: bool) -> dict:
         },
         "clm_lengths": [1024, 2048, 4096, 8192], "clm_latents": 256, "clm_batch": 1, "clm_repeats": 5,
         "gen_max_seq_len": 4096, "gen_latents": 128, "gen_prompts": [64, 512, 2048], "gen_new_tokens": 128,
-        "gen_repeats": 5,
+        "gen_repeats": 7,
         # clm-small's window (512 tokens, 128 latents), generated 4x past its length
         "slide_max_seq_len": 512, "slide_latents": 128, "slide_prompt": 64, "slide_new_tokens": 2048,
         "slide_block": 128,
