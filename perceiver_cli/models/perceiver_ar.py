@@ -150,8 +150,8 @@ class PerceiverAR(nn.Module):
     def step(self, x: torch.Tensor, cache: PerceiverARCache) -> torch.Tensor:
         """A cached generation step: x (B, 1, C), the embedded newest token of each sequence, joins the cache as one
         more latent at position len(cache); returns its output (B, 1, C). The same numbers as
-        `forward(x, positions, 0, cache=cache)`, in about two thirds of the time on the CPU (see
-        `MultiHeadAttention.step`)."""
+        `forward(x, positions, 0, cache=cache)` with fewer operations (see `MultiHeadAttention.step`): 1.38-1.47
+        against 1.50-1.68 ms a step for `clm-small`'s shape on this project's CPU."""
         rotary = self.rotary_table.span(len(cache), 1, x.device, x.dtype)  # (1, 1, 1, r)
         x = self.cross_attention.step(x, cache.cross_attention, rotary)
         return self.self_attention.step(x, cache.self_attention, rotary)
