@@ -96,9 +96,7 @@ class CausalLanguageModel(PerceiverAR):
 
         positions = self._positions(pad_mask, num_cached, n, x.device)
         h = super().forward(self.input_adapter(x, positions), positions, prefix_len, pad_mask, cache)
-        if self.out_norm is not None:
-            h = self.out_norm(h)
-        return tied_logits(h, self.input_adapter.txt_embedding, self.output_bias)
+        return self._logits(h)
 
     def step(self, tokens: torch.Tensor, cache: PerceiverARCache) -> torch.Tensor:
         """Logits (B, V) of the token after `tokens` (B,), the newest token of each sequence, which joins `cache` as
@@ -107,10 +105,13 @@ class CausalLanguageModel(PerceiverAR):
         if cache.num_latents + 1 > self.max_latents:
             raise ValueError(f"{cache.num_latents + 1} latents exceed max_latents {self.max_latents}")
         x = self.input_adapter(tokens[:, None], start=len(cache))  # (B, 1, C)
-        h = super().step(x, cache)
+        return self._logits(super().step(x, cache)[:, 0])
+
+    def _logits(self, h: torch.Tensor) -> torch.Tensor:
+        """Logits (..., V) of latent outputs h (..., C): the optional output norm, then the tied embedding."""
         if self.out_norm is not None:
             h = self.out_norm(h)
-        return tied_logits(h[:, 0], self.input_adapter.txt_embedding, self.output_bias)
+        return tied_logits(h, self.input_adapter.txt_embedding, self.output_bias)
 
     @staticmethod
     def _positions(pad_mask: torch.Tensor | None, num_cached: int, n: int, device: torch.device) -> torch.Tensor:
