@@ -1,9 +1,10 @@
-"""The benchmark suite: `python -m benchmarks [--quick] [--out DIR]`.
+"""The benchmark suite: `python -m benchmarks [--quick] [--out DIR] [--only PART ...]`.
 
 Prints one table and writes `benchmarks.json` and `scaling.png` into the output folder. Every comparison is
 measured side by side in this process: the two sides alternate over several repetitions after a warm-up, and the
 table reports medians. `--quick` runs toy sizes (a smoke test, seconds); the full run takes several minutes on a
-2-core CPU.
+2-core CPU. The learning benchmark (time to quality against BERT and GPT-2 baselines, see benchmarks/learning.py)
+trains models for many minutes, so it runs only when asked for: `--only learning`.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from benchmarks import learning
 from benchmarks import models as bm
 
 RESULTS: list[dict] = []  # one row each: name, ours, theirs, unit, ratio, note
@@ -62,14 +64,23 @@ def side_by_side(ours, theirs, repeats: int, warmup: int = 2) -> SideBySide:
 
 
 def row(name: str, ours: float, theirs: float | None, unit: str, note: str = "", higher_is_better: bool = True,
-        ratio: float | None = None):
-    """Record and print one row; `ratio` defaults to ours against theirs (better over worse when higher is not)."""
+        ratio: float | None = None, extra: dict | None = None) -> dict:
+    """Record and print one row; `ratio` defaults to ours against theirs (better over worse when higher is not).
+    `extra` adds fields to the row's JSON (learning curves, parameter counts)."""
     if ratio is None and theirs:
         ratio = ours / theirs if higher_is_better else theirs / ours
-    RESULTS.append({"name": name, "ours": ours, "theirs": theirs, "unit": unit, "ratio": ratio, "note": note})
+    RESULTS.append({"name": name, "ours": ours, "theirs": theirs, "unit": unit, "ratio": ratio, "note": note,
+                    **(extra or {})})
     shown = f"{ratio:.2f}x" if ratio is not None else "-"
-    print(f"  {name}: ours {ours:,.1f} {unit}" + (f", other {theirs:,.1f}" if theirs else "") + f" ({shown})",
-          flush=True)
+    digits = decimals(ours, theirs)
+    print(f"  {name}: ours {ours:,.{digits}f} {unit}" + (f", other {theirs:,.{digits}f}" if theirs else "")
+          + f" ({shown})", flush=True)
+    return RESULTS[-1]
+
+
+def decimals(ours: float, theirs: float | None) -> int:
+    """Decimals to show a row's values with: three where both are below 10 (bits per byte, losses), else one."""
+    return 3 if max(abs(ours), abs(theirs or 0.0)) < 10 else 1
 
 
 def tokens_row(name: str, tokens: int, timing: SideBySide, note: str) -> None:
@@ -242,8 +253,9 @@ def print_table() -> None:
     for column in ("benchmark", "ours", "other", "unit", "ratio", "note"):
         table.add_column(column, justify="left" if column in ("benchmark", "note", "unit") else "right")
     for r in RESULTS:
-        table.add_row(r["name"], f"{r['ours']:,.1f}", "-" if r["theirs"] is None else f"{r['theirs']:,.1f}",
-                      r["unit"], "-" if r["ratio"] is None else f"{r['ratio']:.2f}x", r["note"])
+        digits = decimals(r["ours"], r["theirs"])
+        theirs = "-" if r["theirs"] is None else f"{r['theirs']:,.{digits}f}"
+        table.add_row(r["name"], f"{r['ours']:,.{digits}f}", theirs, r["unit"], "-" if r["ratio"] is None else f"{r['ratio']:.2f}x", r["note"])
     Console(width=160).print(table)
 
 
@@ -277,15 +289,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="toy sizes: a smoke test that takes seconds")
     parser.add_argument("--out", type=Path, default=Path("benchmark-results"))
-    parser.add_argument("--only", nargs="*", choices=["mlm", "clm", "generate", "mfu", "help"])
+    parser.add_argument("--only", nargs="*", choices=["mlm", "clm", "generate", "mfu", "help", "learning",
+                                                       *learning.ROWS],
+                        help="parts to run (default: all but learning); learning = its three rows")
     args = parser.parse_args()
     sizes = bm.sizes(quick=args.quick)
     sizes["precisions"] = ["32"] + (["bf16-mixed"] if bf16_is_faster(sizes["peak_n"]) else [])
     args.out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
     wanted = set(args.only or ["mlm", "clm", "generate", "mfu", "help"])
+    if "learning" in wanted:
+        wanted |= set(learning.ROWS)
     started = time.perf_counter()
-    scaling = None
+    scaling, plots = None, []
     with torch.inference_mode(False):
         if "mlm" in wanted:
             print("MLM against transformers", flush=True)
@@ -301,6 +317,8 @@ def main() -> None:
             mfu_rows(sizes)
         if "help" in wanted:
             help_row()
+        if wanted & set(learning.ROWS):
+            plots += learning.learning_rows(wanted, args.quick, args.out, row)
     print_table()
     machine = {"processor": cpu_name(), "machine": platform.machine(), "cpus": os.cpu_count(),
                "threads": torch.get_num_threads(), "torch": torch.__version__, "quick": args.quick,
@@ -308,8 +326,8 @@ def main() -> None:
     (args.out / "benchmarks.json").write_text(json.dumps({"machine": machine, "rows": RESULTS}, indent=2))
     if scaling:
         plot_scaling(scaling, args.out)
-    print(f"wrote {args.out}/benchmarks.json" + (" and scaling.png" if scaling else "")
-          + f" in {machine['seconds']} s")
+        plots.insert(0, "scaling.png")
+    print(f"wrote {args.out}/benchmarks.json" + "".join(f", {p}" for p in plots) + f" in {machine['seconds']} s")
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 of a real run belong to `python -m benchmarks`, not to the test suite)."""
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -26,3 +27,43 @@ def test_quick_benchmark_run_writes_every_row(tmp_path):
             assert any(name.startswith(prefix) and name.endswith("ours bf16-mixed)") for name in rows), prefix
     assert (tmp_path / "scaling.png").read_bytes()[:4] == b"\x89PNG"
     assert "perceiver benchmarks" in result.stdout
+
+
+def test_quick_learning_benchmark_scores_every_validation_byte_of_both_sides(tmp_path):
+    """`--only learning --quick`: a few seconds of training per model, every evaluation over the whole validation
+    split (each byte and each end-of-text token once), finite numbers, one plot per row."""
+    from perceiver_cli.data.corpus import embedded_corpus_files
+
+    texts = [json.loads(line)["text"] for line in embedded_corpus_files()["validation"].read_text().splitlines()]
+    validation_bytes = sum(len(text.encode("utf-8")) + 1 for text in texts if text.strip())  # + 1: end of text
+    result = subprocess.run(
+        [sys.executable, "-m", "benchmarks", "--quick", "--only", "learning", "--out", str(tmp_path)],
+        cwd=ROOT, capture_output=True, text=True, timeout=600, check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    rows = json.loads((tmp_path / "benchmarks.json").read_text())["rows"]
+    names = [row["name"] for row in rows]
+    for prefix in ("learning: MLM masked-byte accuracy, same tokens", "learning: MLM masked-byte loss",
+                   "learning: MLM training time", "learning: MLM masked-byte accuracy at equal time",
+                   "learning: CLM bits per byte at GPT's training time", "learning: CLM bits per byte at the end",
+                   "learning: CLM training time", "learning: long-context CLM bits per byte at equal time"):
+        assert sum(name.startswith(prefix) for name in names) == 1, prefix
+    assert all(math.isfinite(row["ours"]) and math.isfinite(row["theirs"]) for row in rows)
+
+    curves = {row["name"].split(" ")[1]: row["runs"] for row in rows if "runs" in row}  # MLM, CLM, long-context
+    assert set(curves) == {"MLM", "CLM", "long-context"}
+    for kind, runs in curves.items():
+        assert len(runs) == 2 and all(run["parameters"] > 0 and run["steps"] > 0 for run in runs), kind
+        for run in runs:
+            assert run["curve"] and run["train_seconds"] > 0, (kind, run["label"])
+            for point in run["curve"]:
+                metrics = [v for k, v in point.items() if k in ("loss", "accuracy", "bits_per_byte")]
+                assert metrics and all(math.isfinite(v) for v in metrics), point
+                if kind == "long-context":  # its own documents: every byte of them once
+                    assert point["scored_tokens"] == point["bytes"] >= validation_bytes, point
+                else:
+                    assert point["scored_tokens"] == validation_bytes, (kind, run["label"], point)
+    # The two masked LMs are scored on the same masks.
+    assert len({point["masked_tokens"] for run in curves["MLM"] for point in run["curve"]}) == 1
+    for plot in ("learning-mlm.png", "learning-clm.png", "learning-long.png"):
+        assert (tmp_path / plot).read_bytes()[:4] == b"\x89PNG", plot

@@ -1,0 +1,654 @@
+"""The learning benchmark: time to quality of the default presets against the baselines a user would otherwise pick.
+
+`python -m benchmarks --only learning` (or one row: `learning-mlm`, `learning-clm`, `learning-long`). Three rows, on
+the embedded corpus, with the train and validation splits the data pipeline makes and the UTF-8 byte ids of the
+`utf8` tokenizer (vocabulary 262) on both sides:
+
+- MLM: `mlm-small`, trained by the project's own training code (the builders `perceiver train` uses, with an extra
+  callback that evaluates), then transformers' `BertForMaskedLM` (4 layers, its width chosen so that its parameter
+  count is nearest to ours) in a loop of our own: the same training batches (the preset's data module: chunks,
+  order, whole-word masks), so the same token budget (steps x batch x length); the same optimizer and schedule (the
+  project's AdamW parameter groups and warmup-cosine schedule with the preset's settings) and gradient clipping.
+  BERT runs without dropout, as `mlm-small` does. Both are scored on the whole validation split, masked once with
+  the validation seed (`evaluate_mlm`, the code of `perceiver eval`; BERT behind a small adapter): masked-byte loss
+  and accuracy.
+- CLM: `clm-small` as above, against GPT-2 (transformers' `GPT2LMHeadModel`) with the recipe of nanoGPT's README
+  CPU command: 4 layers, 4 heads, 128 wide, block 64, batch 12, 2,000 iterations, AdamW 1e-3 with 100 warmup steps
+  then cosine to 1e-4, beta2 0.99, weight decay 0.1, gradient clipping 1.0, no dropout, random windows of the
+  training stream. Both are scored by `evaluate_clm` (the code of `perceiver eval`) on the whole validation stream:
+  strided windows that score every byte (and every end-of-text byte) exactly once. Perceiver AR's stride is its
+  latent count (128 of 512); GPT's is a quarter of its block (16 of 64), so every scored byte sees at least three
+  quarters of the window as context on both sides.
+- Long context: the documents of each split joined in corpus order (the order of the standard library's files) into
+  documents of at least `long_doc_bytes` bytes, trained through the `files` source. `clm-small` with a 2,048-byte
+  window (`data.max_seq_len`, `model.max_latents` below) against the GPT recipe with block 256, each for the same
+  training time (`long_budget_s`): a short timed run measures each side's seconds per step, the step count (and so
+  the cosine schedule) is set from it, and training stops at the budget in any case.
+
+Time is training time: wall time from the first step, less every evaluation (ours, and the preset's own validation
+with its sample, which a plain `perceiver train` run also spends). Each run is evaluated at `evaluations` points
+evenly spaced in steps (the last at its end); the run that comes second is also evaluated at the first step past the
+first run's final training time, so that each row also compares both at equal time. The baselines run first for the
+CLM rows, ours first for MLM (where ours is expected to be the faster one). The curves go to `learning-*.png`.
+
+The runs follow each other on one machine: on a shared machine the load changes between them, and times with it.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+ROWS = ("learning-mlm", "learning-clm", "learning-long")
+
+
+@dataclass
+class GPTRecipe:
+    """nanoGPT's README CPU command (config/train_shakespeare_char.py with its command-line overrides)."""
+
+    layers: int = 4
+    heads: int = 4
+    width: int = 128
+    block: int = 64
+    batch: int = 12
+    iterations: int = 2000
+    lr: float = 1e-3
+    min_lr: float = 1e-4
+    warmup: int = 100
+    beta2: float = 0.99
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+
+
+@dataclass
+class Settings:
+    evaluations: int = 6  # validation points per run, evenly spaced in steps, the last at the end
+    long_evaluations: int = 3  # a long-window evaluation of the whole split costs several times a short one
+    eval_batch_tokens: int = 8192  # tokens per forward pass when evaluating (16 windows or chunks of 512)
+    mlm_overrides: list[str] = field(default_factory=list)  # --set style, on top of the preset
+    clm_overrides: list[str] = field(default_factory=list)
+    bert_layers: int = 4
+    bert_heads: int = 4
+    bert_widths: tuple[int, ...] = (128, 160, 192, 224, 256)  # the one nearest to ours in parameters is used
+    gpt: GPTRecipe = field(default_factory=GPTRecipe)
+    long_doc_bytes: int = 8192
+    long_window: int = 2048
+    long_latents: int = 256
+    long_gpt_block: int = 256
+    long_budget_s: float = 90.0  # training seconds per side
+    long_overrides: list[str] = field(default_factory=list)
+    calibration_steps: int = 6  # timed steps (after 2 untimed, before 1 untimed) that set the long row's step counts
+
+
+def settings(quick: bool) -> Settings:
+    if not quick:
+        return Settings()
+    # Toy sizes, seconds of training: the protocol runs end to end; the numbers mean nothing. The evaluations still
+    # cover the whole validation split.
+    tiny_mlm = ["data.max_seq_len=64", "model.num_latents=8", "model.encoder.num_self_attention_layers_per_block=1",
+                "trainer.max_steps=6", "trainer.val_check_interval=3", "trainer.limit_val_batches=2",
+                "scheduler.warmup_steps=2"]
+    tiny_clm = ["data.max_seq_len=64", "model.max_latents=32", "model.num_channels=32",
+                "model.num_self_attention_layers=1", "trainer.max_steps=6", "trainer.val_check_interval=3",
+                "trainer.limit_val_batches=2", "scheduler.warmup_steps=2", "output.sample_max_new_tokens=4"]
+    return Settings(
+        evaluations=1, long_evaluations=1, eval_batch_tokens=8192, mlm_overrides=tiny_mlm, clm_overrides=tiny_clm,
+        bert_layers=1, bert_widths=(32,),
+        gpt=GPTRecipe(layers=1, width=32, block=32, iterations=6, warmup=2),
+        long_doc_bytes=1024, long_window=128, long_latents=64, long_gpt_block=64, long_budget_s=2.0,
+        long_overrides=["model.num_channels=32", "model.num_self_attention_layers=1", "trainer.val_check_interval=3",
+                        "trainer.limit_val_batches=2", "scheduler.warmup_steps=2", "output.sample_max_new_tokens=4"],
+        calibration_steps=2,
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Training time and learning curves
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class TrainingClock:
+    """Seconds of training: wall time since `start`, less the time between each `pause` and `resume` (evaluations)."""
+
+    def __init__(self):
+        self._start = time.perf_counter()
+        self._excluded = 0.0
+        self._paused_at: float | None = None
+
+    def start(self) -> None:
+        self._start, self._excluded = time.perf_counter(), 0.0
+
+    def pause(self) -> None:
+        if self._paused_at is None:
+            self._paused_at = time.perf_counter()
+
+    def resume(self) -> None:
+        if self._paused_at is not None:
+            self._excluded += time.perf_counter() - self._paused_at
+            self._paused_at = None
+
+    @property
+    def seconds(self) -> float:
+        now = self._paused_at if self._paused_at is not None else time.perf_counter()
+        return now - self._start - self._excluded
+
+    @property
+    def excluded(self) -> float:
+        return self._excluded
+
+
+@dataclass
+class Run:
+    """One side of a row: its learning curve (one dict per evaluation) and what it cost."""
+
+    label: str
+    parameters: int
+    steps: int = 0
+    train_seconds: float = 0.0
+    eval_seconds: float = 0.0  # ours: the benchmark's evaluations and the preset's own validation
+    curve: list[dict] = field(default_factory=list)
+    step_clock: list[float] = field(default_factory=list)  # training seconds after each step
+
+    @property
+    def final(self) -> dict:
+        return self.curve[-1]
+
+    def at(self, seconds: float) -> dict:
+        """The evaluation at the first step past `seconds` of training (the final one if the run ended first)."""
+        return next((point for point in self.curve if point["seconds"] >= seconds), self.final)
+
+
+class Schedule:
+    """When a run evaluates: at the given steps, once at the first step past `at_seconds`, and at its end. With a
+    `budget_s`, the run is told to stop at the first step past that many training seconds."""
+
+    def __init__(self, steps: list[int], at_seconds: float | None = None, budget_s: float | None = None):
+        self.steps, self.at_seconds, self.budget_s = set(steps), at_seconds, budget_s
+
+    def due(self, step: int, seconds: float, last: bool) -> bool:
+        if self.at_seconds is not None and seconds >= self.at_seconds:
+            self.at_seconds = None
+            return True
+        return last or step in self.steps or self.over_budget(seconds)
+
+    def over_budget(self, seconds: float) -> bool:
+        return self.budget_s is not None and seconds >= self.budget_s
+
+
+def evenly(total_steps: int, count: int) -> list[int]:
+    return sorted({max(1, round(total_steps * (i + 1) / count)) for i in range(count)})
+
+
+def evaluate_into(run: Run, clock: TrainingClock, step: int, evaluate: Callable[[], dict]) -> None:
+    """Evaluate with the clock paused and append the point to the run's curve."""
+    clock.pause()
+    started = time.perf_counter()
+    metrics = evaluate()
+    run.curve.append({"step": step, "seconds": round(clock.seconds, 2), **metrics})
+    clock.resume()
+    shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float))
+    print(f"    {run.label} step {step}, {clock.seconds:.1f} s: {shown} "
+          f"(evaluated in {time.perf_counter() - started:.1f} s)", flush=True)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Ours: a preset through the project's training code
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def load_preset(preset: str, overrides: list[str], runs: Path):
+    from perceiver_cli.config import load_run_config
+
+    cfg, name = load_run_config(preset, overrides)
+    cfg.output.dir = str(runs)
+    return cfg, name
+
+
+def train_ours(cfg, name: str, datamodule, schedule: Schedule, evaluate: Callable[[nn.Module], dict],
+               label: str) -> tuple[Run, nn.Module]:
+    """Train as `perceiver train` does (training/run.py's fit: seed, model, trainer, fit), with one more callback that
+    evaluates on `schedule` and keeps the training clock. Returns the run and the trained backend model."""
+    from rich.console import Console
+
+    from perceiver_cli.training.build import build_lit_model, build_trainer
+    from perceiver_cli.training.run import bytes_per_token, quiet_libraries
+    from perceiver_cli.training.run_dir import run_dir_for
+
+    quiet_libraries(0)
+    pl.seed_everything(cfg.trainer.seed, workers=True, verbose=False)
+    lit = build_lit_model(cfg, datamodule.vocab_size)
+    run = Run(label, sum(p.numel() for p in lit.model.parameters()))
+    run_dir = run_dir_for(Path(cfg.output.dir), name, None)
+    trainer = build_trainer(cfg, run_dir, Console(quiet=True), bytes_per_token(datamodule))
+    curve = LearningCurve(run, schedule, lambda: evaluate(lit.model))
+    trainer.callbacks.append(curve)  # after the checkpoint and sample callbacks: their validation work is excluded
+    trainer.fit(lit, datamodule=datamodule)
+    return run, lit.model
+
+
+class LearningCurve(pl.Callback):
+    """Keeps the training clock of a Lightning run (paused during validation) and evaluates on the schedule."""
+
+    def __init__(self, run: Run, schedule: Schedule, evaluate: Callable[[], dict]):
+        self.run, self.schedule, self.evaluate = run, schedule, evaluate
+        self.clock = TrainingClock()
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self.clock.start()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        step = trainer.global_step
+        self.run.step_clock.append(self.clock.seconds)
+        if self.run.curve and self.run.curve[-1]["step"] == step:
+            return  # an accumulation micro-batch: no new step
+        if self.schedule.over_budget(self.clock.seconds):
+            trainer.should_stop = True
+        if self.schedule.due(step, self.clock.seconds, last=step >= trainer.max_steps):
+            evaluate_into(self.run, self.clock, step, self.evaluate)
+            pl_module.train()  # the evaluation left the model in eval mode
+
+    def on_validation_start(self, trainer, pl_module) -> None:
+        self.clock.pause()
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        self.clock.resume()
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self.run.steps = trainer.global_step
+        if not self.run.curve or self.run.curve[-1]["step"] != trainer.global_step:  # stopped early
+            evaluate_into(self.run, self.clock, trainer.global_step, self.evaluate)
+        self.run.train_seconds = self.run.curve[-1]["seconds"]
+        self.run.eval_seconds = round(self.clock.excluded, 2)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Scoring: the project's evaluation code for both sides, transformers' models behind small adapters
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class CountedInputs(nn.Module):
+    """Passes a masked LM's forward through and counts the text tokens it was given (not padding, [CLS] or [SEP]):
+    the evidence that an evaluation covered the whole split."""
+
+    def __init__(self, model: nn.Module, special_ids: tuple[int, ...]):
+        super().__init__()
+        self.model, self.special_ids, self.tokens = model, torch.tensor(special_ids), 0
+
+    def forward(self, x, pad_mask=None, output_positions=None):
+        text = ~torch.isin(x, self.special_ids)
+        if pad_mask is not None:
+            text &= ~pad_mask
+        self.tokens += int(text.sum())
+        return self.model(x, pad_mask, output_positions=output_positions)
+
+
+class MaskedLMAtPositions(nn.Module):
+    """transformers' masked LM with our masked LM's interface: logits at `output_positions` only."""
+
+    def __init__(self, lm: nn.Module):
+        super().__init__()
+        self.lm = lm
+
+    def forward(self, x, pad_mask=None, output_positions=None):
+        attention_mask = None if pad_mask is None else (~pad_mask).long()
+        logits = self.lm(input_ids=x, attention_mask=attention_mask).logits
+        return logits.gather(1, output_positions[..., None].expand(-1, -1, logits.shape[-1]))
+
+
+class CausalLMWindow(nn.Module):
+    """transformers' causal LM with Perceiver AR's interface, which `evaluate_clm` scores: logits of the positions
+    after `prefix_len`. `max_latents` is the evaluation stride: it scores the last `stride` positions of each
+    window. Windows are left-padded: positions count real tokens only, as ours do."""
+
+    def __init__(self, lm: nn.Module, window: int, stride: int):
+        super().__init__()
+        self.lm, self.max_seq_len, self.max_latents = lm, window, stride
+
+    def forward(self, x, prefix_len, pad_mask=None):
+        if pad_mask is None:
+            return self.lm(input_ids=x).logits[:, prefix_len:]
+        positions = ((~pad_mask).cumsum(dim=1) - 1).clamp(min=0)
+        return self.lm(input_ids=x, attention_mask=(~pad_mask).long(), position_ids=positions).logits[:, prefix_len:]
+
+
+def mlm_scorer(cfg, datamodule, batch_size: int) -> Callable[[nn.Module], dict]:
+    """Masked-byte loss and accuracy of a model over the whole validation split, with the validation masks (drawn
+    once from the seed and each chunk's index: the same for every model and every evaluation)."""
+    from perceiver_cli.evaluation import evaluate_mlm
+
+    tokenizer = datamodule.tokenizer
+    special = tuple(i for i in (tokenizer.pad_token_id, tokenizer.cls_token_id, tokenizer.sep_token_id) if i is not None)
+
+    def score(model: nn.Module) -> dict:
+        counted = CountedInputs(model, special)
+        result = evaluate_mlm(counted, tokenizer, datamodule.chunks["validation"], batch_size,
+                              mask_prob=cfg.data.mask_prob, whole_word_masking=cfg.data.whole_word_masking,
+                              seed=cfg.trainer.seed)
+        return {"loss": result["loss"], "accuracy": result["accuracy"], "masked_tokens": result["masked_tokens"],
+                "scored_tokens": counted.tokens}
+
+    return score
+
+
+def clm_stream(texts: list[str]) -> tuple[list[int], int]:
+    """The token stream `perceiver eval` scores (`[EOS] doc1 [EOS] doc2 ...`) and its bytes."""
+    from perceiver_cli.data.tokenizer import load_tokenizer
+    from perceiver_cli.evaluation import clm_token_stream
+
+    return clm_token_stream(load_tokenizer("utf8", padding_side="left"), texts)
+
+
+def clm_scorer(texts: list[str], batch_tokens: int) -> Callable[[nn.Module], dict]:
+    """Bits per byte of a model over the whole stream of `texts`: every byte scored exactly once. A batch holds
+    about `batch_tokens` tokens, whatever the model's window."""
+    from perceiver_cli.evaluation import evaluate_clm
+
+    stream, num_bytes = clm_stream(texts)
+
+    def score(model: nn.Module) -> dict:
+        result = evaluate_clm(model, stream, num_bytes, max(1, batch_tokens // model.max_seq_len))
+        return {"bits_per_byte": result["bits_per_byte"], "scored_tokens": result["tokens"], "bytes": result["bytes"]}
+
+    return score
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Baselines: transformers' models in training loops of our own
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def bert_for(width: int, layers: int, heads: int, max_seq_len: int, vocab_size: int) -> nn.Module:
+    from transformers import BertConfig, BertForMaskedLM
+
+    config = BertConfig(vocab_size=vocab_size, hidden_size=width, num_hidden_layers=layers, num_attention_heads=heads,
+                        intermediate_size=4 * width, max_position_embeddings=max_seq_len, type_vocab_size=1,
+                        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, pad_token_id=0)
+    return BertForMaskedLM(config)
+
+
+def matched_bert(cfg, s: Settings, target_parameters: int, vocab_size: int) -> nn.Module:
+    """The BERT of `s.bert_widths` whose parameter count is nearest to `target_parameters`."""
+    def count(width: int) -> int:
+        with torch.device("meta"):
+            return sum(p.numel() for p in bert_for(width, s.bert_layers, s.bert_heads, cfg.data.max_seq_len,
+                                                   vocab_size).parameters())
+
+    width = min(s.bert_widths, key=lambda w: abs(count(w) - target_parameters))
+    torch.manual_seed(cfg.trainer.seed)
+    return bert_for(width, s.bert_layers, s.bert_heads, cfg.data.max_seq_len, vocab_size)
+
+
+def train_bert(bert: nn.Module, cfg, datamodule, schedule: Schedule, evaluate: Callable[[nn.Module], dict]) -> Run:
+    """BERT on the preset's own training batches (same order, same masks), with the preset's optimizer, schedule,
+    gradient clipping and step count."""
+    from perceiver_cli.training.optim import build_optimizer, build_scheduler
+
+    total = cfg.trainer.max_steps
+    optimizer = build_optimizer(bert, **cfg.optimizer.model_dump(mode="json"))
+    lr_schedule = build_scheduler(optimizer, total_steps=total, **cfg.scheduler.model_dump(mode="json"))
+    h = bert.config
+    run = Run(f"BERT ({h.num_hidden_layers} x {h.hidden_size})", sum(p.numel() for p in bert.parameters()))
+    adapter = MaskedLMAtPositions(bert)
+    loader = datamodule.train_dataloader()
+    clock = TrainingClock()
+    step, epoch = 0, 0
+    while step < total and not schedule.over_budget(clock.seconds):
+        loader.sampler.set_epoch(epoch)  # what Lightning does at each epoch: a new order, new masks
+        for batch in loader:
+            bert.train()
+            loss = bert(input_ids=batch["input_ids"], attention_mask=(~batch["pad_mask"]).long(),
+                        labels=batch["labels"]).loss
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.trainer.gradient_clip_val:
+                torch.nn.utils.clip_grad_norm_(bert.parameters(), cfg.trainer.gradient_clip_val)
+            optimizer.step()
+            lr_schedule.step()
+            step += 1
+            if schedule.due(step, clock.seconds, last=step >= total):
+                evaluate_into(run, clock, step, lambda: evaluate(adapter))
+            if step >= total or schedule.over_budget(clock.seconds):
+                break
+        epoch += 1
+    run.steps, run.train_seconds, run.eval_seconds = step, run.final["seconds"], round(clock.excluded, 2)
+    return run
+
+
+def gpt_for(recipe: GPTRecipe, vocab_size: int) -> nn.Module:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    config = GPT2Config(vocab_size=vocab_size, n_positions=recipe.block, n_embd=recipe.width, n_layer=recipe.layers,
+                        n_head=recipe.heads, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+                        activation_function="gelu",  # nanoGPT's nn.GELU (GPT-2's default is the tanh form)
+                        bos_token_id=None, eos_token_id=None)
+    return GPT2LMHeadModel(config)
+
+
+def train_gpt(recipe: GPTRecipe, train_stream: torch.Tensor, schedule: Schedule, evaluate: Callable[[nn.Module], dict],
+              seed: int = 0, steps: int | None = None) -> Run:
+    """nanoGPT's training loop, rewritten: random windows of block + 1 tokens of the training stream, AdamW with
+    weight decay on matrices and embeddings only, warmup then cosine, clipping."""
+    from perceiver_cli.training.optim import build_optimizer, build_scheduler
+
+    total = steps or recipe.iterations
+    torch.manual_seed(seed)
+    gpt = gpt_for(recipe, 262)
+    optimizer = build_optimizer(gpt, lr=recipe.lr, weight_decay=recipe.weight_decay, betas=(0.9, recipe.beta2))
+    lr_schedule = build_scheduler(optimizer, "cosine", warmup_steps=min(recipe.warmup, total // 4), total_steps=total,
+                                  min_lr_ratio=recipe.min_lr / recipe.lr)
+    run = Run(f"GPT-2 ({recipe.layers} x {recipe.width}, block {recipe.block})", sum(p.numel() for p in gpt.parameters()))
+    adapter = CausalLMWindow(gpt, recipe.block, max(1, recipe.block // 4))
+    generator = torch.Generator().manual_seed(seed)
+    offsets = torch.arange(recipe.block + 1)
+    clock = TrainingClock()
+    for step in range(1, total + 1):
+        gpt.train()
+        starts = torch.randint(len(train_stream) - recipe.block - 1, (recipe.batch, 1), generator=generator)
+        window = train_stream[starts + offsets]
+        logits = gpt(input_ids=window[:, :-1]).logits
+        loss = F.cross_entropy(logits.flatten(0, 1), window[:, 1:].flatten())
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(gpt.parameters(), recipe.grad_clip)
+        optimizer.step()
+        lr_schedule.step()
+        run.step_clock.append(clock.seconds)
+        if schedule.due(step, clock.seconds, last=step == total):  # due at the step past the budget too
+            evaluate_into(run, clock, step, lambda: evaluate(adapter))
+        if schedule.over_budget(clock.seconds):
+            break
+    run.steps, run.train_seconds, run.eval_seconds = run.final["step"], run.final["seconds"], round(clock.excluded, 2)
+    return run
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Rows
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def mlm_row(s: Settings, out: Path, runs: Path, record) -> None:
+    from perceiver_cli.training.build import build_datamodule
+
+    cfg, name = load_preset("mlm-small", s.mlm_overrides, runs)
+    datamodule = build_datamodule(cfg)
+    datamodule.prepare_data()
+    score = mlm_scorer(cfg, datamodule, max(1, s.eval_batch_tokens // cfg.data.max_seq_len))
+    total = cfg.trainer.max_steps
+    ours, _ = train_ours(cfg, name, datamodule, Schedule(evenly(total, s.evaluations)), score, name)
+    bert = matched_bert(cfg, s, ours.parameters, datamodule.vocab_size)
+    theirs = train_bert(bert, cfg, datamodule, Schedule(evenly(total, s.evaluations), at_seconds=ours.train_seconds),
+                        score)
+    tokens = total * cfg.data.batch_size * cfg.data.max_seq_len
+    extra = {"runs": runs_json(ours, theirs), "token_budget": tokens}
+    print(f"  {ours.label}: {ours.parameters:,} parameters; {theirs.label}: {theirs.parameters:,}", flush=True)
+    record("learning: MLM masked-byte accuracy, same tokens (mlm-small vs BERT)", 100 * ours.final["accuracy"],
+           100 * theirs.final["accuracy"], "%", f"{total} steps x {cfg.data.batch_size} x {cfg.data.max_seq_len}",
+           extra=extra)
+    record("learning: MLM masked-byte loss, same tokens", ours.final["loss"], theirs.final["loss"], "nats",
+           "whole validation split, fixed masks", higher_is_better=False)
+    record("learning: MLM training time, same tokens", ours.train_seconds, theirs.train_seconds, "s",
+           "evaluation excluded", higher_is_better=False)
+    at = theirs.at(ours.train_seconds)
+    record("learning: MLM masked-byte accuracy at equal time", 100 * ours.final["accuracy"], 100 * at["accuracy"], "%",
+           f"BERT at {at['seconds']:.0f} s (step {at['step']}), ours at its end ({ours.train_seconds:.0f} s)")
+    plot_curves(out / "learning-mlm.png", [ours, theirs], [("loss", "masked-byte loss (nats)"),
+                                                           ("accuracy", "masked-byte accuracy")],
+                f"masked LM on the embedded corpus, {tokens:,} training tokens each")
+
+
+def clm_row(s: Settings, out: Path, runs: Path, record) -> None:
+    from perceiver_cli.data.sources import load_text_splits
+    from perceiver_cli.training.build import build_datamodule
+
+    cfg, name = load_preset("clm-small", s.clm_overrides, runs)
+    datamodule = build_datamodule(cfg)
+    datamodule.prepare_data()
+    splits = load_text_splits("embedded", validation_fraction=cfg.data.validation_fraction, seed=cfg.trainer.seed)
+    score = clm_scorer(splits["validation"]["text"], s.eval_batch_tokens)
+    train_stream = torch.tensor(clm_stream(splits["train"]["text"])[0])
+    theirs = train_gpt(s.gpt, train_stream, Schedule(evenly(s.gpt.iterations, s.evaluations)), score,
+                       seed=cfg.trainer.seed)
+    total = cfg.trainer.max_steps
+    ours, _ = train_ours(cfg, name, datamodule, Schedule(evenly(total, s.evaluations), at_seconds=theirs.train_seconds),
+                         score, name)
+    print(f"  {ours.label}: {ours.parameters:,} parameters; {theirs.label}: {theirs.parameters:,}", flush=True)
+    at = ours.at(theirs.train_seconds)
+    extra = {"runs": runs_json(ours, theirs)}
+    record("learning: CLM bits per byte at GPT's training time (clm-small vs nanoGPT recipe)", at["bits_per_byte"],
+           theirs.final["bits_per_byte"], "bit/B",
+           f"ours at {at['seconds']:.0f} s (step {at['step']}), GPT at its end ({theirs.train_seconds:.0f} s)",
+           higher_is_better=False, extra=extra)
+    record("learning: CLM bits per byte at the end", ours.final["bits_per_byte"], theirs.final["bits_per_byte"],
+           "bit/B", f"{ours.steps} steps vs {theirs.steps}; whole validation split", higher_is_better=False)
+    record("learning: CLM training time", ours.train_seconds, theirs.train_seconds, "s", "evaluation excluded",
+           higher_is_better=False)
+    plot_curves(out / "learning-clm.png", [ours, theirs], [("bits_per_byte", "validation bits per byte")],
+                "causal LM on the embedded corpus")
+
+
+def long_context_row(s: Settings, out: Path, runs: Path, record) -> None:
+    from perceiver_cli.data.cache import cache_root
+    from perceiver_cli.data.sources import load_text_splits
+    from perceiver_cli.training.build import build_datamodule
+
+    splits = load_text_splits("embedded")
+    data_dir = cache_root() / "benchmarks" / "long-context"  # a fixed place: its tokenized data stays cached
+    long_docs = {split: join_documents(splits[split]["text"], s.long_doc_bytes) for split in ("train", "validation")}
+    write_jsonl(data_dir, long_docs)
+    overrides = [f"data.max_seq_len={s.long_window}", f"model.max_latents={s.long_latents}", "data.source=files",
+                 f"data.path={data_dir}", *s.long_overrides]
+    score = clm_scorer(long_docs["validation"], s.eval_batch_tokens)
+    train_stream = torch.tensor(clm_stream(long_docs["train"])[0])
+    budget = s.long_budget_s
+    recipe = replace(s.gpt, block=s.long_gpt_block)
+
+    # The step counts that fill the budget (and so the length of each cosine schedule), from short timed runs.
+    gpt_calibration = train_gpt(recipe, train_stream, Schedule([]), lambda model: {}, steps=3 + s.calibration_steps)
+    gpt_steps = max(2, int(budget / seconds_per_step(gpt_calibration)))
+    probe, name = load_preset("clm-small", overrides + [f"trainer.max_steps={3 + s.calibration_steps}",
+                                                        "output.name=calibration"], runs)
+    datamodule = build_datamodule(probe)
+    datamodule.prepare_data()
+    ours_calibration, _ = train_ours(probe, "calibration", datamodule, Schedule([]), lambda model: {}, "calibration")
+    ours_steps = max(2, int(budget / seconds_per_step(ours_calibration)))
+
+    theirs = train_gpt(recipe, train_stream, Schedule(evenly(gpt_steps, s.long_evaluations), budget_s=budget), score,
+                       steps=gpt_steps)
+    cfg, name = load_preset("clm-small", overrides + [f"trainer.max_steps={ours_steps}"], runs)
+    ours, _ = train_ours(cfg, f"{name}-{s.long_window}", datamodule,
+                         Schedule(evenly(ours_steps, s.long_evaluations), budget_s=budget), score,
+                         f"{name}, window {s.long_window}")
+    sizes = [len(doc.encode("utf-8")) for doc in long_docs["validation"]]
+    print(f"  {ours.label}: {ours.parameters:,} parameters; {theirs.label}: {theirs.parameters:,}; validation: "
+          f"{len(sizes)} documents of {min(sizes):,}-{max(sizes):,} bytes", flush=True)
+    extra = {"runs": runs_json(ours, theirs), "budget_s": budget,
+             "documents": {split: len(docs) for split, docs in long_docs.items()}}
+    record(f"learning: long-context CLM bits per byte at equal time ({s.long_window}-byte window vs block "
+           f"{s.long_gpt_block})", ours.final["bits_per_byte"], theirs.final["bits_per_byte"], "bit/B",
+           f"{budget:.0f} s budget: {ours.steps} steps in {ours.train_seconds:.0f} s vs {theirs.steps} in "
+           f"{theirs.train_seconds:.0f} s", higher_is_better=False, extra=extra)
+    plot_curves(out / "learning-long.png", [ours, theirs], [("bits_per_byte", "validation bits per byte")],
+                f"long-context causal LM (documents of {s.long_doc_bytes:,}+ bytes), {budget:.0f} s each")
+
+
+def seconds_per_step(calibration: Run) -> float:
+    """Seconds per step from the clock after each step, leaving out the first two (warm-up) and the last (ours
+    saves its final checkpoint there)."""
+    times = calibration.step_clock[1:-1]
+    return (times[-1] - times[0]) / max(1, len(times) - 1)
+
+
+def join_documents(texts: list[str], min_bytes: int) -> list[str]:
+    """Consecutive documents joined by blank lines into documents of at least `min_bytes` bytes (the last one may
+    be shorter)."""
+    joined, current, size = [], [], 0
+    for text in texts:
+        if not text or text.isspace():
+            continue
+        current.append(text)
+        size += len(text.encode("utf-8")) + 2
+        if size >= min_bytes:
+            joined.append("\n\n".join(current))
+            current, size = [], 0
+    if current:
+        joined.append("\n\n".join(current))
+    return joined
+
+
+def write_jsonl(directory: Path, splits: dict[str, list[str]]) -> None:
+    """train.jsonl and validation.jsonl, which the `files` source reads as the two splits."""
+    directory.mkdir(parents=True, exist_ok=True)
+    for split, texts in splits.items():
+        body = "".join(json.dumps({"text": text}, ensure_ascii=False) + "\n" for text in texts)
+        path = directory / f"{split}.jsonl"
+        if not path.is_file() or path.read_text(encoding="utf-8") != body:  # unchanged files keep their data cache
+            path.write_text(body, encoding="utf-8")
+
+
+def runs_json(*runs: Run) -> list[dict]:
+    return [{"label": r.label, "parameters": r.parameters, "steps": r.steps, "train_seconds": r.train_seconds,
+             "eval_seconds": r.eval_seconds, "curve": r.curve} for r in runs]
+
+
+def plot_curves(path: Path, runs: list[Run], metrics: list[tuple[str, str]], title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(metrics), figsize=(6 * len(metrics), 4), squeeze=False)
+    for ax, (key, label) in zip(axes[0], metrics):
+        for run, style in zip(runs, ("o-", "s--")):
+            ax.plot([p["seconds"] for p in run.curve], [p[key] for p in run.curve], style,
+                    label=f"{run.label}, {run.parameters / 1e6:.2f}M parameters")
+        ax.set(xlabel="training time (s, evaluation excluded)", ylabel=label)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def learning_rows(wanted: set[str], quick: bool, out: Path, record) -> list[str]:
+    """Run the rows of `wanted` (names of ROWS) and return the names of the plots they wrote into `out`.
+    `record(name, ours, theirs, unit, note, higher_is_better=True, extra=None)` records one row of the table."""
+    s = settings(quick)
+    plots = []
+    with tempfile.TemporaryDirectory() as runs:  # the training runs' checkpoints and logs are not results
+        for name, make_row in (("learning-mlm", mlm_row), ("learning-clm", clm_row),
+                               ("learning-long", long_context_row)):
+            if name in wanted:
+                print(f"learning benchmark: {name.removeprefix('learning-')}", flush=True)
+                make_row(s, out, Path(runs), record)
+                plots.append(f"{name}.png")
+    return plots
