@@ -214,16 +214,15 @@ def load_preset(preset: str, overrides: list[str], runs: Path):
 
 
 def train_ours(cfg, name: str, datamodule, schedule: Schedule, evaluate: Callable[[nn.Module], dict],
-               label: str) -> tuple[Run, nn.Module]:
+               label: str) -> Run:
     """Train as `perceiver train` does (training/run.py's fit: seed, model, trainer, fit), with one more callback that
-    evaluates on `schedule` and keeps the training clock. Returns the run and the trained backend model."""
+    evaluates on `schedule` and keeps the training clock."""
     from rich.console import Console
 
     from perceiver_cli.training.build import build_lit_model, build_trainer
-    from perceiver_cli.training.run import bytes_per_token, quiet_libraries
+    from perceiver_cli.training.run import bytes_per_token
     from perceiver_cli.training.run_dir import run_dir_for
 
-    quiet_libraries(0)
     pl.seed_everything(cfg.trainer.seed, workers=True, verbose=False)
     lit = build_lit_model(cfg, datamodule.vocab_size)
     run = Run(label, sum(p.numel() for p in lit.model.parameters()))
@@ -232,7 +231,7 @@ def train_ours(cfg, name: str, datamodule, schedule: Schedule, evaluate: Callabl
     curve = LearningCurve(run, schedule, lambda: evaluate(lit.model))
     trainer.callbacks.append(curve)  # after the checkpoint and sample callbacks: their validation work is excluded
     trainer.fit(lit, datamodule=datamodule)
-    return run, lit.model
+    return run
 
 
 class LearningCurve(pl.Callback):
@@ -241,15 +240,17 @@ class LearningCurve(pl.Callback):
     def __init__(self, run: Run, schedule: Schedule, evaluate: Callable[[], dict]):
         self.run, self.schedule, self.evaluate = run, schedule, evaluate
         self.clock = TrainingClock()
+        self.last_step = -1
 
     def on_train_start(self, trainer, pl_module) -> None:
         self.clock.start()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         step = trainer.global_step
+        if step == self.last_step:
+            return  # a micro-batch of gradient accumulation: no optimizer step yet
+        self.last_step = step
         self.run.step_clock.append(self.clock.seconds)
-        if self.run.curve and self.run.curve[-1]["step"] == step:
-            return  # an accumulation micro-batch: no new step
         if self.schedule.over_budget(self.clock.seconds):
             trainer.should_stop = True
         if self.schedule.due(step, self.clock.seconds, last=step >= trainer.max_steps):
@@ -483,7 +484,7 @@ def mlm_row(s: Settings, out: Path, runs: Path, record) -> None:
     datamodule.prepare_data()
     score = mlm_scorer(cfg, datamodule, max(1, s.eval_batch_tokens // cfg.data.max_seq_len))
     total = cfg.trainer.max_steps
-    ours, _ = train_ours(cfg, name, datamodule, Schedule(evenly(total, s.evaluations)), score, name)
+    ours = train_ours(cfg, name, datamodule, Schedule(evenly(total, s.evaluations)), score, name)
     bert = matched_bert(cfg, s, ours.parameters, datamodule.vocab_size)
     theirs = train_bert(bert, cfg, datamodule, Schedule(evenly(total, s.evaluations), at_seconds=ours.train_seconds),
                         score)
@@ -518,7 +519,7 @@ def clm_row(s: Settings, out: Path, runs: Path, record) -> None:
     theirs = train_gpt(s.gpt, train_stream, Schedule(evenly(s.gpt.iterations, s.evaluations)), score,
                        seed=cfg.trainer.seed)
     total = cfg.trainer.max_steps
-    ours, _ = train_ours(cfg, name, datamodule, Schedule(evenly(total, s.evaluations), at_seconds=theirs.train_seconds),
+    ours = train_ours(cfg, name, datamodule, Schedule(evenly(total, s.evaluations), at_seconds=theirs.train_seconds),
                          score, name)
     print(f"  {ours.label}: {ours.parameters:,} parameters; {theirs.label}: {theirs.parameters:,}", flush=True)
     at = ours.at(theirs.train_seconds)
@@ -558,13 +559,13 @@ def long_context_row(s: Settings, out: Path, runs: Path, record) -> None:
                                                         "output.name=calibration"], runs)
     datamodule = build_datamodule(probe)
     datamodule.prepare_data()
-    ours_calibration, _ = train_ours(probe, "calibration", datamodule, Schedule([]), lambda model: {}, "calibration")
+    ours_calibration = train_ours(probe, "calibration", datamodule, Schedule([]), lambda model: {}, "calibration")
     ours_steps = max(2, int(budget / seconds_per_step(ours_calibration)))
 
     theirs = train_gpt(recipe, train_stream, Schedule(evenly(gpt_steps, s.long_evaluations), budget_s=budget), score,
                        steps=gpt_steps)
     cfg, name = load_preset("clm-small", overrides + [f"trainer.max_steps={ours_steps}"], runs)
-    ours, _ = train_ours(cfg, f"{name}-{s.long_window}", datamodule,
+    ours = train_ours(cfg, f"{name}-{s.long_window}", datamodule,
                          Schedule(evenly(ours_steps, s.long_evaluations), budget_s=budget), score,
                          f"{name}, window {s.long_window}")
     sizes = [len(doc.encode("utf-8")) for doc in long_docs["validation"]]
@@ -642,6 +643,9 @@ def plot_curves(path: Path, runs: list[Run], metrics: list[tuple[str, str]], tit
 def learning_rows(wanted: set[str], quick: bool, out: Path, record) -> list[str]:
     """Run the rows of `wanted` (names of ROWS) and return the names of the plots they wrote into `out`.
     `record(name, ours, theirs, unit, note, higher_is_better=True, extra=None)` records one row of the table."""
+    from perceiver_cli.training.run import quiet_libraries
+
+    quiet_libraries(0)  # no progress bar per tokenized split, no Lightning banners
     s = settings(quick)
     plots = []
     with tempfile.TemporaryDirectory() as runs:  # the training runs' checkpoints and logs are not results
