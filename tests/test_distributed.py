@@ -261,3 +261,25 @@ def test_a_declared_vocabulary_must_match_the_tokenizer_on_disk(capsys, tmp_path
     code, _, err = run_cli(capsys, "train", "--preset", "clm-small", "--output", str(tmp_path),
                            "--set", "data.vocab_size=300", "--set", "trainer.max_steps=1")
     assert code == 2 and "data.vocab_size = 300" in err and not (tmp_path / "clm-small").exists()
+
+
+@pytest.mark.parametrize("seq_len", [5, 12, 13, 48])  # no prefix (shorter than the 12 latents, exactly), a prefix
+def test_every_parameter_gets_a_gradient_from_every_batch_length(seq_len):
+    """DDP all-reduces the gradients in buckets of parameters and expects every rank to fill the same buckets; a
+    parameter left out on one rank (a layer skipped for a short sequence) leaves the ranks waiting in different
+    collectives: the hang of issue 17 (random truncation made one rank's batch no longer than the latents)."""
+    from perceiver_cli.models.lightning import LitCausalLanguageModel, LitMaskedLanguageModel
+    from tiny_models import tiny_clm_config, tiny_mlm_config
+
+    torch.manual_seed(0)
+    x = torch.randint(6, 262, (2, seq_len))
+    pad_mask = torch.zeros_like(x, dtype=torch.bool)
+    pad_mask[0, :2] = True  # one left-padded row
+    clm = LitCausalLanguageModel.create(tiny_clm_config()).train()
+    clm.loss({"input_ids": x, "labels": x, "pad_mask": pad_mask}).backward()
+    mlm = LitMaskedLanguageModel.create(tiny_mlm_config(max_seq_len=48)).train()
+    labels = torch.full_like(x, -100)
+    labels[:, 1] = x[:, 1]
+    mlm.loss({"input_ids": x, "labels": labels, "pad_mask": pad_mask.flip(1)}).backward()
+    for model in (clm, mlm):
+        assert [name for name, p in model.named_parameters() if p.grad is None] == []
