@@ -26,8 +26,9 @@ from perceiver_cli.training.run_dir import resume_checkpoint, run_dir_for
 
 TESTS = Path(__file__).parent
 LOSS_TOLERANCE = 1e-5
-# A tiny Perceiver AR without randomness in the model or the batches (no dropout, no random windows), so that one
-# process and several see the very same computation. Global batch 8.
+# A tiny Perceiver AR whose randomness one process and several draw alike, so that they see the very same
+# computation: random truncation (one length per step on every rank; lengths up to 16 leave no prefix, the case that
+# hung in issue 17), no dropout, no random windows (those draw per rank). Global batch 8.
 TINY = """
 [model]
 task = "clm"
@@ -40,6 +41,8 @@ cross_attention_dropout = 0.0
 [data]
 max_seq_len = 64
 batch_size = 8
+random_truncation = true
+min_seq_len = 8
 
 [optimizer]
 lr = 1e-2
@@ -283,3 +286,22 @@ def test_every_parameter_gets_a_gradient_from_every_batch_length(seq_len):
     mlm.loss({"input_ids": x, "labels": labels, "pad_mask": pad_mask.flip(1)}).backward()
     for model in (clm, mlm):
         assert [name for name, p in model.named_parameters() if p.grad is None] == []
+
+
+def test_random_truncation_cuts_every_ranks_batch_to_the_same_length(monkeypatch):
+    """The ranks' batches of a step are the parts of one global batch: one length on every rank, as one process with
+    the whole batch would draw it (and one code path: a batch no longer than the latents has no prefix). Window
+    offsets stay per rank, so that the ranks' examples are cut differently."""
+    from perceiver_cli.data.collators import CLMCollator
+
+    def batches(rank: int) -> list[dict]:
+        monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+        monkeypatch.setattr(torch.distributed, "get_rank", lambda: rank)
+        collate = CLMCollator(0, 64, random_shift=True, random_truncation=True, min_seq_len=8, seed=0)
+        chunk = {"input_ids": list(range(10, 140))}  # two chunks' worth: room to shift the window
+        return [collate([chunk, chunk]) for _ in range(20)]
+
+    first, second = batches(0), batches(1)
+    assert [b["input_ids"].shape[1] for b in first] == [b["input_ids"].shape[1] for b in second]
+    assert len({b["input_ids"].shape[1] for b in first}) > 5
+    assert any(not torch.equal(a["input_ids"], b["input_ids"]) for a, b in zip(first, second))
