@@ -422,7 +422,8 @@ def test_fsdp_stops_cleanly_on_sigterm_and_its_watchdog_ends_a_stuck_run(tiny, t
     stopped = run.saved_step()
     assert status == 143 and f"SIGTERM: saved step {stopped} to" in run.output(), run.output()[-3000:]
     print(f"FSDP: SIGTERM ended both ranks in {seconds:.2f} s")
-    resumed = Training(tmp_path / "stop", str(tiny), [f"trainer.max_steps={stopped + 2}"], resume=True)
+    resumed = Training(tmp_path / "stop", str(tiny), ["trainer.strategy=auto", "trainer.devices=1",
+                                                      f"trainer.max_steps={stopped + 2}"], resume=True)
     assert resumed.wait(timeout=180) == 0 and resumed.saved_step() == stopped + 2, resumed.output()[-3000:]
 
     (tmp_path / "stuck").mkdir()
@@ -578,3 +579,28 @@ def test_random_truncation_cuts_every_ranks_batch_to_the_same_length(monkeypatch
     assert [b["input_ids"].shape[1] for b in first] == [b["input_ids"].shape[1] for b in second]
     assert len({b["input_ids"].shape[1] for b in first}) > 5
     assert any(not torch.equal(a["input_ids"], b["input_ids"]) for a, b in zip(first, second))
+
+
+def test_the_collective_timeout_is_the_process_groups_and_must_be_positive():
+    from perceiver_cli.training.distributed import JOIN_TIMEOUT, build_strategy
+
+    cfg, _ = load_run_config("clm-small", DDP + ["trainer.collective_timeout=1e4"])
+    assert build_strategy(cfg)._timeout.total_seconds() == 1e4  # setting up waits at least JOIN_TIMEOUT
+    cfg, _ = load_run_config("clm-small", ["trainer.devices=2", "trainer.collective_timeout=5"])  # "auto": ddp
+    assert build_strategy(cfg)._timeout == JOIN_TIMEOUT
+    with pytest.raises(UserError, match="trainer.collective_timeout"):
+        load_run_config("clm-small", ["trainer.collective_timeout=0"])
+
+
+def test_only_a_failed_collective_is_reported_as_one():
+    from perceiver_cli.training.distributed import CollectiveWatch
+
+    watch = CollectiveWatch(timeout=7)
+    watch.completed, watch.stage, watch.waited = 41, "step 42", 7  # as in training, after on_train_start
+    gloo = RuntimeError("[gloo/transport/tcp/unbound_buffer.cc:78] Timed out waiting 7000ms for recv operation")
+    assert watch.describe(gloo, rank=1) == ("rank 1 waited more than 7 s (trainer.collective_timeout) for step 42; "
+                                            "the last completed step is 41")
+    peer = RuntimeError("[gloo/transport/tcp/pair.cc:553] Connection closed by peer [127.0.0.1]:34508")
+    assert watch.describe(peer, rank=0).startswith("another rank stopped (its connection closed) while rank 0")
+    assert watch.describe(RuntimeError("DataLoader worker exited unexpectedly"), rank=0) is None
+    assert watch.describe(ValueError("Timed out waiting"), rank=0) is None
