@@ -221,6 +221,7 @@ class Training:
         env = {**os.environ, "MASTER_PORT": free_port(), "PERCEIVER_DEBUG": "0"}
         with self.out.open("w") as out, self.err.open("w") as err:
             self.process = subprocess.Popen(args, stdout=out, stderr=err, cwd=tmp, env=env, text=True)
+        self.seen: set[int] = set()  # the other ranks seen: killed at the end even once rank 0 is gone
 
     @property
     def run_dir(self) -> Path:
@@ -247,7 +248,9 @@ class Training:
         """The ranks Lightning started: children of this process running the same command."""
         pid = self.process.pid
         children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
-        return [int(c) for c in children if "train" in Path(f"/proc/{c}/cmdline").read_text()]
+        ranks = [int(c) for c in children if "train" in Path(f"/proc/{c}/cmdline").read_text()]
+        self.seen.update(ranks)
+        return ranks
 
     def wait(self, timeout: float) -> int:
         try:
@@ -256,16 +259,12 @@ class Training:
             self.kill()
 
     def kill(self) -> None:
-        for pid in [*self.other_ranks_or_none(), self.process.pid]:
+        with contextlib.suppress(FileNotFoundError, ProcessLookupError):
+            self.other_ranks()
+        for pid in [*self.seen, self.process.pid]:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         self.process.wait(timeout=30)
-
-    def other_ranks_or_none(self) -> list[int]:
-        try:
-            return self.other_ranks()
-        except (FileNotFoundError, ProcessLookupError):
-            return []
 
 
 def all_ended_within(pids: list[int], seconds: float) -> float:
