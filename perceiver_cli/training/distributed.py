@@ -165,7 +165,8 @@ class CollectiveWatch(pl.Callback):
             # Who called it: our code where it did (a training step, a callback), else Lightning.
             callers = [f for f in frames if "/torch/" not in f.filename and f.filename != collective.filename]
             ours = [f for f in callers if "perceiver_cli" in f.filename and "/training/run.py" not in f.filename
-                    and "/commands/" not in f.filename and not f.filename.endswith("cli.py")]
+                    and "/commands/" not in f.filename and not f.filename.endswith("cli.py")
+                    and f.name != "launch"]  # RankLauncher.launch holds all of trainer.fit
             caller = (ours or callers or [collective])[-1]
             what = f"torch.distributed.{collective.name} (called from {caller.name}) during {self.stage}"
         if "Connection" in text:
