@@ -107,9 +107,16 @@ def run_app(typer_app: typer.Typer, args: list[str] | None = None) -> None:
         _report(err.message, err.hint)
         sys.exit(2)
     except SystemExit as exit_:
-        if exit_.code == 130:
+        if exit_.code == 130 and _is_rank_zero():
             _report("interrupted")
         raise
+
+
+def _is_rank_zero() -> bool:
+    """Whether this process speaks for the run: the other ranks of a multi-process run stop with it, silently."""
+    from perceiver_cli.training.run_dir import process_rank
+
+    return process_rank() == 0
 
 
 def main(args: list[str] | None = None) -> None:

@@ -113,6 +113,11 @@ class TrainerSection(Section):
     num_nodes: int = Field(default=1, gt=0)
     strategy: Literal["auto", "ddp", "fsdp"] = "auto"
     fsdp: FSDPSection | None = None
+    # Seconds a rank may wait in one collective of the training (the gradient all-reduce, a barrier, a broadcast)
+    # before the run ends with an error naming it: a dead or stuck rank must not leave the others waiting forever. It
+    # must exceed the longest work one rank does alone (a validation sample, writing a checkpoint). Setting up, before
+    # the first step, may take up to 30 minutes or this, if longer.
+    collective_timeout: float = Field(default=600.0, gt=0.0)
     seed: int = 0
     deterministic: bool = False
     compile: bool = False  # torch.compile the backend model

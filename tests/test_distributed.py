@@ -8,10 +8,16 @@ sampler) and average the same gradients, so their losses differ only by float32 
 measured at most 5e-7 over 6 steps that take the loss from 5.57 to 3.4. The tests allow 1e-5.
 """
 
+import contextlib
 import csv
 import json
+import math
+import os
+import signal
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -26,8 +32,9 @@ from perceiver_cli.training.run_dir import resume_checkpoint, run_dir_for
 
 TESTS = Path(__file__).parent
 LOSS_TOLERANCE = 1e-5
-# A tiny Perceiver AR without randomness in the model or the batches (no dropout, no random windows), so that one
-# process and several see the very same computation. Global batch 8.
+# A tiny Perceiver AR whose randomness one process and several draw alike, so that they see the very same
+# computation: random truncation (one length per step on every rank; lengths up to 16 leave no prefix, the case that
+# hung in issue 17), no dropout, no random windows (those draw per rank). Global batch 8.
 TINY = """
 [model]
 task = "clm"
@@ -40,6 +47,8 @@ cross_attention_dropout = 0.0
 [data]
 max_seq_len = 64
 batch_size = 8
+random_truncation = true
+min_seq_len = 8
 
 [optimizer]
 lr = 1e-2
@@ -56,8 +65,16 @@ gradient_clip_val = 0.05  # clips at every step, so that the strategies' clippin
 TWO_RANKS = ["--set", "data.batch_size=4", "--set", "trainer.strategy=ddp", "--set", "trainer.devices=2"]
 
 
+def free_port() -> str:
+    """A port for the ranks to meet on: runs of other tests (and other test sessions) must not share one."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return str(s.getsockname()[1])
+
+
 def run(*command: str, cwd: Path) -> subprocess.CompletedProcess:
-    result = subprocess.run([sys.executable, *command], cwd=cwd, capture_output=True, text=True, timeout=180)
+    env = {**os.environ, "MASTER_PORT": free_port()}
+    result = subprocess.run([sys.executable, *command], cwd=cwd, capture_output=True, text=True, timeout=180, env=env)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
     return result
 
@@ -166,6 +183,265 @@ def test_fsdp_on_two_cpu_processes_shards_the_attention_layers_and_resumes_on_on
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# The shipped presets' settings under DDP; stops, dead ranks and the watchdog, with real processes
+# ---------------------------------------------------------------------------------------------------------------
+
+# clm-small at a tiny size, its path-changing settings on: random windows and lengths (lengths up to 16, the latents,
+# leave no prefix: the hang of issue 17), cross-attention dropout, a validation, a sample and a checkpoint every 5
+# steps.
+CLM_SMALL_TINY = [
+    "model.num_channels=32", "model.num_heads=4", "model.max_latents=16", "model.num_self_attention_layers=1",
+    "data.max_seq_len=64", "data.batch_size=4", "data.min_seq_len=8", "trainer.accelerator=cpu",
+    "trainer.val_check_interval=5", "trainer.limit_val_batches=2", "trainer.log_every_n_steps=1",
+    "output.sample_max_new_tokens=8",
+]
+MLM_SMALL_TINY = [
+    "model.num_latents=8", "model.num_latent_channels=32", "model.encoder.num_input_channels=32",
+    "model.encoder.num_cross_attention_qk_channels=32", "model.encoder.num_cross_attention_v_channels=32",
+    "model.encoder.num_self_attention_qk_channels=32", "model.encoder.num_self_attention_v_channels=32",
+    "model.encoder.num_self_attention_layers_per_block=1", "model.decoder.num_cross_attention_qk_channels=32",
+    "model.decoder.num_cross_attention_v_channels=32", "data.max_seq_len=64", "data.batch_size=4",
+    "trainer.accelerator=cpu", "trainer.val_check_interval=5", "trainer.limit_val_batches=2",
+    "trainer.log_every_n_steps=1",
+]
+DDP = ["trainer.strategy=ddp", "trainer.devices=2"]
+TORCHRUN = (sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "perceiver_cli")
+
+
+class Training:
+    """`perceiver train` in a subprocess, its output in files (a pipe nobody reads would block it)."""
+
+    def __init__(self, tmp: Path, preset: str, overrides: list[str], launcher=(sys.executable, "-m", "perceiver_cli"),
+                 resume: bool = False):
+        self.runs, self.out, self.err = tmp / "runs", tmp / "out.txt", tmp / "err.txt"
+        args = [*launcher, "train", "--preset", preset, "--output", str(self.runs)]
+        for override in overrides:
+            args += ["--set", override]
+        args += ["--resume", "auto"] if resume else []
+        env = {**os.environ, "MASTER_PORT": free_port(), "PERCEIVER_DEBUG": "0"}
+        with self.out.open("w") as out, self.err.open("w") as err:
+            self.process = subprocess.Popen(args, stdout=out, stderr=err, cwd=tmp, env=env, text=True)
+        self.seen: set[int] = set()  # the other ranks seen: killed at the end even once rank 0 is gone
+
+    @property
+    def run_dir(self) -> Path:
+        [checkpoints] = self.runs.glob("*/*/checkpoints")
+        return checkpoints.parent
+
+    def output(self) -> str:
+        return self.out.read_text() + self.err.read_text()
+
+    def saved_step(self) -> int | None:
+        lasts = list(self.runs.glob("*/*/checkpoints/last.ckpt"))
+        return torch.load(lasts[0], weights_only=True)["global_step"] if lasts else None
+
+    def wait_for_checkpoint(self, after_step: int, deadline: float = 150) -> int:
+        """The step of a `last.ckpt` saved beyond `after_step` (training on, every rank alive)."""
+        end = time.monotonic() + deadline
+        while (self.saved_step() or 0) <= after_step:
+            assert self.process.poll() is None, self.output()[-3000:]
+            assert time.monotonic() < end, "no checkpoint: the ranks hang?\n" + self.output()[-3000:]
+            time.sleep(0.2)
+        return self.saved_step()
+
+    def other_ranks(self) -> list[int]:
+        """The ranks Lightning started: children of this process running the same command."""
+        pid = self.process.pid
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+        ranks = [int(c) for c in children if "train" in Path(f"/proc/{c}/cmdline").read_text()]
+        self.seen.update(ranks)
+        return ranks
+
+    def wait(self, timeout: float) -> int:
+        try:
+            return self.process.wait(timeout=timeout)
+        finally:
+            self.kill()
+
+    def kill(self) -> None:
+        with contextlib.suppress(FileNotFoundError, ProcessLookupError):
+            self.other_ranks()
+        for pid in [*self.seen, self.process.pid]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        self.process.wait(timeout=30)
+
+
+def all_ended_within(pids: list[int], seconds: float) -> float:
+    """Seconds until every process in `pids` has ended; fails after `seconds`."""
+    start = time.monotonic()
+    while any(Path(f"/proc/{pid}").exists() and "Z" not in Path(f"/proc/{pid}/stat").read_text().split()[2]
+              for pid in pids):
+        assert time.monotonic() - start < seconds, f"still running after {seconds} s"
+        time.sleep(0.05)
+    return time.monotonic() - start
+
+
+def test_clm_small_settings_train_under_ddp_stop_cleanly_on_sigterm_and_resume_under_torchrun(tmp_path):
+    """The issue-17 hang, SIGTERM and resuming: clm-small's settings on 2 ranks cross validations, samples and
+    checkpoints; SIGTERM to the launching process ends every rank within seconds and saves the current step, as in
+    one process; `--resume auto` under torchrun continues from it, through another validation and checkpoint."""
+    run = Training(tmp_path, "clm-small", CLM_SMALL_TINY + DDP + ["trainer.max_steps=10000"])
+    try:
+        run.wait_for_checkpoint(after_step=10)  # validations, samples and checkpoints at steps 5 and 10
+        ranks = [run.process.pid, *run.other_ranks()]
+        assert len(ranks) == 2
+        run.process.send_signal(signal.SIGTERM)
+        seconds = all_ended_within(ranks, 20)
+    finally:
+        status = run.wait(timeout=30)
+    out = run.output()
+    assert status == 143, out[-3000:]
+    stopped = run.saved_step()
+    assert f"SIGTERM: saved step {stopped} to" in out and "Traceback" not in out
+    assert out.count("sample @ step 5:") == 1 and out.count("sample @ step 10:") == 1  # rank 0 alone speaks
+    print(f"SIGTERM ended both ranks in {seconds:.2f} s")
+
+    resumed = Training(tmp_path, "clm-small", CLM_SMALL_TINY + [f"trainer.max_steps={stopped + 6}"],
+                       launcher=TORCHRUN, resume=True)
+    assert resumed.wait(timeout=180) == 0, resumed.output()[-3000:]
+    assert resumed.saved_step() == stopped + 6
+    assert sorted(losses(run.run_dir, "csv-1")) == list(range(stopped, stopped + 6))
+    assert f"sample @ step {(stopped // 5 + 1) * 5}:" in resumed.output()
+
+
+def test_a_stuck_rank_ends_the_run_on_every_rank_within_the_collective_timeout_and_resume_continues(tmp_path):
+    """The watchdog: rank 1 frozen (SIGSTOP) leaves rank 0 waiting in a collective; after trainer.collective_timeout
+    rank 0 ends with one error naming what it waited for and its last step, the last checkpoint intact."""
+    run = Training(tmp_path, "clm-small", CLM_SMALL_TINY + DDP + ["trainer.max_steps=10000",
+                                                                  "trainer.collective_timeout=3"])
+    try:
+        saved = run.wait_for_checkpoint(after_step=5)
+        [rank_1] = run.other_ranks()
+        os.kill(rank_1, signal.SIGSTOP)
+        stopped_at = time.monotonic()
+        status = run.process.wait(timeout=60)
+        seconds = time.monotonic() - stopped_at
+    finally:
+        run.kill()
+    err = run.err.read_text()
+    assert status == 2, err[-3000:]
+    [error] = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert "rank 0 waited more than 3 s (trainer.collective_timeout) for" in error
+    last_step = int(error.split("the last completed step is ")[1].split(";")[0])
+    assert f"last good checkpoint is {run.run_dir / 'checkpoints' / 'last.ckpt'}" in error
+    assert "Traceback" not in err
+    assert 3 <= seconds < 3 + 20  # the timeout, then shutting down
+    saved = run.saved_step()
+    assert 5 <= saved <= last_step  # intact: it loads
+    print(f"rank 0 ended {seconds:.2f} s after rank 1 froze (collective_timeout 3 s): {error}")
+
+    resumed = Training(tmp_path, "clm-small", CLM_SMALL_TINY + DDP + [f"trainer.max_steps={saved + 3}"], resume=True)
+    assert resumed.wait(timeout=180) == 0, resumed.output()[-3000:]
+    assert resumed.saved_step() == saved + 3 and "resuming from" in resumed.output()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("victim", [0, 1])
+def test_a_killed_rank_makes_the_other_exit_with_a_clear_error(tmp_path, victim):
+    run = Training(tmp_path, "clm-small", CLM_SMALL_TINY + DDP + ["trainer.max_steps=10000"])
+    try:
+        run.wait_for_checkpoint(after_step=5)
+        ranks = [run.process.pid, *run.other_ranks()]
+        os.kill(ranks[victim], signal.SIGKILL)
+        seconds = all_ended_within(ranks, 60)  # the default collective_timeout is minutes: not waited for
+    finally:
+        run.kill()
+    err = run.err.read_text()
+    survivor = 1 - victim
+    errors = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert any(f"another rank stopped (its connection closed) while rank {survivor} waited for" in e for e in errors)
+    assert "Traceback" not in err
+    assert run.saved_step() >= 5
+    print(f"rank {survivor} ended {seconds:.2f} s after rank {victim} was killed")
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_every_rank_and_saves_the_step(tmp_path):
+    run = Training(tmp_path, "mlm-small", MLM_SMALL_TINY + DDP + ["trainer.max_steps=10000"])
+    try:
+        run.wait_for_checkpoint(after_step=5)
+        ranks = [run.process.pid, *run.other_ranks()]
+        run.process.send_signal(signal.SIGINT)
+        seconds = all_ended_within(ranks, 20)
+    finally:
+        status = run.wait(timeout=30)
+    out = run.output()
+    assert status == 130 and f"SIGINT: saved step {run.saved_step()} to" in out, out[-3000:]
+    assert out.count("error: interrupted") == 1 and "Traceback" not in out
+    print(f"Ctrl-C ended both ranks in {seconds:.2f} s")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("preset, overrides", [
+    # What one process and several draw alike (see TINY): clm-small without dropout and random windows, mlm-small
+    # with static masks; both cross validations, checkpoints and (clm) samples.
+    ("clm-small", CLM_SMALL_TINY + ["model.cross_attention_dropout=0.0", "data.random_shift=false"]),
+    ("mlm-small", MLM_SMALL_TINY + ["data.static_masking=true"]),
+])
+@pytest.mark.parametrize("launcher", ["perceiver", "torchrun"])
+def test_shipped_presets_train_on_two_ranks_like_one_process(tmp_path, preset, overrides, launcher):
+    for name in ("one", "two"):
+        (tmp_path / name).mkdir()
+    one = Training(tmp_path / "one", preset, [o.replace("batch_size=4", "batch_size=8") for o in overrides]
+                   + ["trainer.max_steps=12"])
+    assert one.wait(timeout=180) == 0, one.output()[-3000:]
+    two = Training(tmp_path / "two", preset, overrides + ["trainer.max_steps=12"]
+                   + (["trainer.strategy=ddp"] if launcher == "torchrun" else DDP),
+                   launcher=TORCHRUN if launcher == "torchrun" else (sys.executable, "-m", "perceiver_cli"))
+    assert two.wait(timeout=180) == 0, two.output()[-3000:]
+    assert_same_training(two.run_dir, one.run_dir)
+    assert sorted(p.name for p in (two.run_dir / "checkpoints").iterdir()) == ["best.ckpt", "last.ckpt"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("preset, tiny", [("clm-small", CLM_SMALL_TINY), ("mlm-small", MLM_SMALL_TINY)])
+def test_shipped_presets_with_all_their_settings_train_under_torchrun(tmp_path, preset, tiny):
+    run = Training(tmp_path, preset, tiny + ["trainer.max_steps=12", "trainer.strategy=ddp"], launcher=TORCHRUN)
+    assert run.wait(timeout=180) == 0, run.output()[-3000:]
+    assert run.saved_step() == 12
+    assert all(math.isfinite(loss) for loss in losses(run.run_dir).values())
+
+
+@pytest.mark.slow
+def test_fsdp_stops_cleanly_on_sigterm_and_its_watchdog_ends_a_stuck_run(tiny, tmp_path):
+    """The same checks under FSDP (the CPU shim): the clean stop saves a consolidated checkpoint, which resumes in
+    one process; a frozen rank ends the run within the collective timeout."""
+    fsdp = (sys.executable, str(TESTS / "fsdp_cpu_train.py"), str(tmp_path / "wrapping.json"))
+    (tmp_path / "stop").mkdir()
+    run = Training(tmp_path / "stop", str(tiny), DDP + ["data.batch_size=4", "trainer.max_steps=10000",
+                                                       "trainer.val_check_interval=5"], launcher=fsdp)
+    try:
+        run.wait_for_checkpoint(after_step=5)
+        ranks = [run.process.pid, *run.other_ranks()]
+        run.process.send_signal(signal.SIGTERM)
+        seconds = all_ended_within(ranks, 20)
+    finally:
+        status = run.wait(timeout=30)
+    stopped = run.saved_step()
+    assert status == 143 and f"SIGTERM: saved step {stopped} to" in run.output(), run.output()[-3000:]
+    print(f"FSDP: SIGTERM ended both ranks in {seconds:.2f} s")
+    resumed = Training(tmp_path / "stop", str(tiny), ["trainer.strategy=auto", "trainer.devices=1",
+                                                      f"trainer.max_steps={stopped + 2}"], resume=True)
+    assert resumed.wait(timeout=180) == 0 and resumed.saved_step() == stopped + 2, resumed.output()[-3000:]
+
+    (tmp_path / "stuck").mkdir()
+    run = Training(tmp_path / "stuck", str(tiny), DDP + ["data.batch_size=4", "trainer.max_steps=10000",
+                                                        "trainer.val_check_interval=5",
+                                                        "trainer.collective_timeout=3"], launcher=fsdp)
+    try:
+        run.wait_for_checkpoint(after_step=5)
+        [rank_1] = run.other_ranks()
+        os.kill(rank_1, signal.SIGSTOP)
+        status = run.process.wait(timeout=60)
+    finally:
+        run.kill()
+    err = run.err.read_text()
+    assert status == 2 and "rank 0 waited more than 3 s (trainer.collective_timeout) for" in err, err[-3000:]
+    assert run.saved_step() >= 5
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # Without processes
 # ---------------------------------------------------------------------------------------------------------------
 
@@ -261,3 +537,69 @@ def test_a_declared_vocabulary_must_match_the_tokenizer_on_disk(capsys, tmp_path
     code, _, err = run_cli(capsys, "train", "--preset", "clm-small", "--output", str(tmp_path),
                            "--set", "data.vocab_size=300", "--set", "trainer.max_steps=1")
     assert code == 2 and "data.vocab_size = 300" in err and not (tmp_path / "clm-small").exists()
+
+
+@pytest.mark.parametrize("seq_len", [5, 12, 13, 48])  # no prefix (shorter than the 12 latents, exactly), a prefix
+def test_every_parameter_gets_a_gradient_from_every_batch_length(seq_len):
+    """DDP all-reduces the gradients in buckets of parameters and expects every rank to fill the same buckets; a
+    parameter left out on one rank (a layer skipped for a short sequence) leaves the ranks waiting in different
+    collectives: the hang of issue 17 (random truncation made one rank's batch no longer than the latents)."""
+    from perceiver_cli.models.lightning import LitCausalLanguageModel, LitMaskedLanguageModel
+    from tiny_models import tiny_clm_config, tiny_mlm_config
+
+    torch.manual_seed(0)
+    x = torch.randint(6, 262, (2, seq_len))
+    pad_mask = torch.zeros_like(x, dtype=torch.bool)
+    pad_mask[0, :2] = True  # one left-padded row
+    clm = LitCausalLanguageModel.create(tiny_clm_config()).train()
+    clm.loss({"input_ids": x, "labels": x, "pad_mask": pad_mask}).backward()
+    mlm = LitMaskedLanguageModel.create(tiny_mlm_config(max_seq_len=48)).train()
+    labels = torch.full_like(x, -100)
+    labels[:, 1] = x[:, 1]
+    mlm.loss({"input_ids": x, "labels": labels, "pad_mask": pad_mask.flip(1)}).backward()
+    for model in (clm, mlm):
+        assert [name for name, p in model.named_parameters() if p.grad is None] == []
+
+
+def test_random_truncation_cuts_every_ranks_batch_to_the_same_length(monkeypatch):
+    """The ranks' batches of a step are the parts of one global batch: one length on every rank, as one process with
+    the whole batch would draw it (and one code path: a batch no longer than the latents has no prefix). Window
+    offsets stay per rank, so that the ranks' examples are cut differently."""
+    from perceiver_cli.data.collators import CLMCollator
+
+    def batches(rank: int) -> list[dict]:
+        monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+        monkeypatch.setattr(torch.distributed, "get_rank", lambda: rank)
+        collate = CLMCollator(0, 64, random_shift=True, random_truncation=True, min_seq_len=8, seed=0)
+        chunk = {"input_ids": list(range(10, 140))}  # two chunks' worth: room to shift the window
+        return [collate([chunk, chunk]) for _ in range(20)]
+
+    first, second = batches(0), batches(1)
+    assert [b["input_ids"].shape[1] for b in first] == [b["input_ids"].shape[1] for b in second]
+    assert len({b["input_ids"].shape[1] for b in first}) > 5
+    assert any(not torch.equal(a["input_ids"], b["input_ids"]) for a, b in zip(first, second))
+
+
+def test_the_collective_timeout_is_the_process_groups_and_must_be_positive():
+    from perceiver_cli.training.distributed import JOIN_TIMEOUT, build_strategy
+
+    cfg, _ = load_run_config("clm-small", DDP + ["trainer.collective_timeout=1e4"])
+    assert build_strategy(cfg)._timeout.total_seconds() == 1e4  # setting up waits at least JOIN_TIMEOUT
+    cfg, _ = load_run_config("clm-small", ["trainer.devices=2", "trainer.collective_timeout=5"])  # "auto": ddp
+    assert build_strategy(cfg)._timeout == JOIN_TIMEOUT
+    with pytest.raises(UserError, match="trainer.collective_timeout"):
+        load_run_config("clm-small", ["trainer.collective_timeout=0"])
+
+
+def test_only_a_failed_collective_is_reported_as_one():
+    from perceiver_cli.training.distributed import CollectiveWatch
+
+    watch = CollectiveWatch(timeout=7)
+    watch.completed, watch.stage, watch.waited = 41, "step 42", 7  # as in training, after on_train_start
+    gloo = RuntimeError("[gloo/transport/tcp/unbound_buffer.cc:78] Timed out waiting 7000ms for recv operation")
+    assert watch.describe(gloo, rank=1) == ("rank 1 waited more than 7 s (trainer.collective_timeout) for step 42; "
+                                            "the last completed step is 41")
+    peer = RuntimeError("[gloo/transport/tcp/pair.cc:553] Connection closed by peer [127.0.0.1]:34508")
+    assert watch.describe(peer, rank=0).startswith("another rank stopped (its connection closed) while rank 0")
+    assert watch.describe(RuntimeError("DataLoader worker exited unexpectedly"), rank=0) is None
+    assert watch.describe(ValueError("Timed out waiting"), rank=0) is None

@@ -6,8 +6,9 @@ A batch is a dict of
 - `pad_mask`: BoolTensor (B, n), True at padding.
 Examples are dicts with `input_ids` (a sequence of ints) and, where a collator needs one, a stable `index`.
 
-Randomness (MLM masks, CLM window offsets) comes from a generator seeded from `seed`, never from torch's global
-generator, so batches depend on the seed alone. See `_Randomness` for how this works in worker processes.
+Randomness (MLM masks, CLM window offsets and lengths) comes from generators seeded from `seed`, never from torch's
+global generator, so batches depend on the seed alone. See `_Randomness` for how this works in worker processes and
+on several ranks.
 """
 
 import hashlib
@@ -27,7 +28,10 @@ class CLMCollator:
 
     `random_truncation` cuts each batch to a random length between `min_seq_len` and max_seq_len tokens (keeping
     the start). Perceiver AR's latents are the last positions of a sequence: trained on full-length sequences only,
-    its latents never sit at early positions, and it writes poorly from a short prompt."""
+    its latents never sit at early positions, and it writes poorly from a short prompt. The length is the same on
+    every DDP rank at each step (its generator is not mixed with the rank): the ranks' batches are then the parts
+    of one global batch of one length, as one process with the whole batch would train on, and every rank runs
+    the same code path (a batch no longer than the latents has no prefix)."""
 
     def __init__(
         self,
@@ -48,14 +52,16 @@ class CLMCollator:
         self.random_truncation = random_truncation
         self.min_seq_len = min(min_seq_len, max_seq_len)
         self._randomness = _Randomness(seed)
+        self._lengths = _Randomness(seed, per_rank=False)
 
     def set_epoch(self, epoch: int) -> None:
         self._randomness.set_epoch(epoch)
+        self._lengths.set_epoch(epoch)
 
     def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
         windows = [self._window(torch.as_tensor(example["input_ids"], dtype=torch.long)) for example in examples]
         if self.random_truncation:
-            n = int(torch.randint(self.min_seq_len, self.window, (1,), generator=self._randomness.generator()))
+            n = int(torch.randint(self.min_seq_len, self.window, (1,), generator=self._lengths.generator()))
             windows = [w[: n + 1] for w in windows]  # n inputs and their n labels
         inputs = [w[:-1] for w in windows]
         labels = [w[1:] for w in windows]
@@ -137,7 +143,8 @@ def _pad_batch(
 
 class _Randomness:
     """A torch.Generator seeded from `seed` and the epoch on first use, mixed with the distributed rank (DDP ranks
-    draw differently) and, in a DataLoader worker, with the worker's seed.
+    draw differently; `per_rank=False` for draws that every rank must make alike) and, in a DataLoader worker,
+    with the worker's seed.
 
     The epoch (see `set_epoch`) makes each epoch's draws depend on the seed and the epoch alone, not on how many
     batches this process built before: a run resumed mid-training builds the same batches as one that never stopped.
@@ -146,8 +153,9 @@ class _Randomness:
     worker seeds from its own (seeded) generator, different for each worker and each epoch, so masks and offsets
     differ between workers and epochs yet are reproducible."""
 
-    def __init__(self, seed: int):
+    def __init__(self, seed: int, per_rank: bool = True):
         self.seed = seed
+        self.per_rank = per_rank
         self.epoch = 0
         self._generator: torch.Generator | None = None
         self._worker_seed: int | None = None
@@ -161,7 +169,7 @@ class _Randomness:
         worker_seed = worker.seed if worker is not None else None
         if self._generator is None or worker_seed != self._worker_seed:
             distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
-            rank = torch.distributed.get_rank() if distributed else 0
+            rank = torch.distributed.get_rank() if distributed and self.per_rank else 0
             self._generator = torch.Generator().manual_seed(_mix(self.seed, rank, worker_seed, self.epoch))
             self._worker_seed = worker_seed
         return self._generator

@@ -98,7 +98,10 @@ class CrossAttentionLayer(nn.Module):
         """
         q = self.q_norm(x_q)
         if x_kv is None:
-            no_prefix = x_kv_prefix is None or x_kv_prefix.shape[1] == 0  # e.g. a cached generation step
+            # An empty prefix (a sequence no longer than the latents, a cached generation step) still goes through
+            # kv_norm when gradients are computed: under DDP every rank must use the same parameters at every step,
+            # or the ranks' gradient all-reduces stop matching and the run hangs (issue 17).
+            no_prefix = x_kv_prefix is None or (x_kv_prefix.shape[1] == 0 and not torch.is_grad_enabled())
             kv = q if no_prefix else torch.cat([self.kv_norm(x_kv_prefix), q], dim=1)
         else:
             kv = self.kv_norm(x_kv)

@@ -102,6 +102,17 @@ class LitLanguageModel(pl.LightningModule):
         self.log("train_loss", step_loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
         return loss
 
+    def token_mean_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Cross-entropy (logits (T, V), labels (T,), -100 where none) averaged over the predicted tokens of the
+        whole step: with several ranks, a rank's sum is divided by the ranks' mean count of tokens, so that the mean
+        over ranks (of the loss and of DDP's gradients) is one process's loss over the whole batch. A rank's own mean
+        would weigh each token by how few its rank has (masked LM batches differ in their number of masks)."""
+        total = F.cross_entropy(logits, labels, reduction="sum")
+        count = (labels != -100).sum().to(total.dtype)
+        if self._trainer is not None and self.trainer.world_size > 1:
+            count = self.trainer.strategy.reduce(count, reduce_op="mean")  # every rank computes a loss, every step
+        return total / count
+
     def on_before_optimizer_step(self, optimizer) -> None:
         # A finite loss can still overflow in the backward pass; updating with such gradients would poison the
         # weights that the next checkpoint saves.
@@ -167,7 +178,7 @@ class LitMaskedLanguageModel(LitLanguageModel):
         # label is -100, so they drop out of the loss.
         positions = torch.argsort((~selected).to(torch.uint8), dim=1, stable=True)[:, :num_selected]  # (B, S)
         logits = self.run_model(batch["input_ids"], batch.get("pad_mask"), output_positions=positions)  # (B, S, V)
-        return F.cross_entropy(logits.flatten(0, 1), labels.gather(1, positions).flatten())
+        return self.token_mean_loss(logits.flatten(0, 1), labels.gather(1, positions).flatten())
 
 
 class LitCausalLanguageModel(LitLanguageModel):
@@ -190,4 +201,4 @@ class LitCausalLanguageModel(LitLanguageModel):
             pad_mask = None  # no padding: lets attention use its fused causal kernels
         prefix_len = max(0, x.shape[1] - self.model.max_latents)
         logits = self.run_model(x, prefix_len, pad_mask=pad_mask)  # (B, L, V)
-        return F.cross_entropy(logits.flatten(0, 1), labels[:, prefix_len:].flatten())
+        return self.token_mean_loss(logits.flatten(0, 1), labels[:, prefix_len:].flatten())

@@ -16,9 +16,16 @@ from perceiver_cli.training.callbacks import (
     RunSummary,
     LastCheckpoint,
     StepProgress,
+    StopOnSignal,
     Throughput,
 )
-from perceiver_cli.training.distributed import build_strategy, gradient_clip_val, strategy_callbacks
+from perceiver_cli.training.distributed import (
+    CollectiveWatch,
+    build_strategy,
+    gradient_clip_val,
+    strategy_callbacks,
+    watch_ranks,
+)
 
 
 def build_datamodule(cfg: RunConfig) -> TextDataModule:
@@ -121,7 +128,8 @@ def build_trainer(
         from perceiver_cli.training.samples import ValidationSample
 
         callbacks.append(ValidationSample(cfg.output.sample_prompt, cfg.output.sample_max_new_tokens, console))
-    return pl.Trainer(
+    callbacks += [CollectiveWatch(t.collective_timeout), StopOnSignal()]  # last: a stop comes after the step's work
+    trainer = pl.Trainer(
         default_root_dir=run_dir,
         logger=[
             TensorBoardLogger(save_dir=run_dir, name="", version="tensorboard"),
@@ -150,3 +158,5 @@ def build_trainer(
         enable_model_summary=False,
         num_sanity_val_steps=0,
     )
+    watch_ranks(trainer, t.collective_timeout)
+    return trainer

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
 import time
 from pathlib import Path
 from typing import Any
@@ -33,15 +34,64 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         os.replace(tmp, path)
 
 
+class StopRequested(KeyboardInterrupt):
+    """A clean stop that every rank agreed on at the end of the same step (see StopOnSignal). A KeyboardInterrupt,
+    so that Lightning shuts down as on Ctrl-C."""
+
+    def __init__(self, signal_name: str):
+        super().__init__(signal_name)
+        self.signal_name = signal_name
+
+
+class StopOnSignal(pl.Callback):
+    """SIGTERM and Ctrl-C (SIGINT) stop the run at the end of the current step, saving it (see LastCheckpoint).
+
+    The signal handler only takes note: the ranks learn of it together, in one all-reduce at the end of every step,
+    and all stop after the same step. Stopping where the signal arrives cannot work with several ranks: the other
+    ranks would wait in the step's collectives for the stopped one. (Lightning's own SIGTERM handler runs a broadcast
+    inside the handler, at whatever point each rank is, and its per-step broadcast of rank 0's flag swallows errors,
+    so a dead rank costs a second timeout; both are replaced here.) A second Ctrl-C stops at once, without saving
+    in a multi-process run. Only rank 0 needs the signal: the `perceiver` command's ranks hear of it from it."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self):
+        self.requested: str | None = None  # the name of the signal received, until the ranks act on it
+        self._checked_at = 0  # the step of the last check
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        # After Lightning has installed its handlers (and before it restores the original ones when fit ends).
+        for signum in self.SIGNALS:
+            signal.signal(signum, self._note)
+        trainer.fit_loop.epoch_loop._broadcast_sigterm_tensor = lambda: None  # see the class docstring
+        self._checked_at = trainer.global_step
+
+    def _note(self, signum, frame) -> None:
+        if self.requested is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # the second Ctrl-C
+        self.requested = signal.Signals(signum).name
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step == self._checked_at:
+            return  # within gradient accumulation: stop after the optimizer step, with nothing half done
+        self._checked_at = trainer.global_step
+        requested = torch.tensor([0 if self.requested is None else signal.Signals[self.requested].value])
+        if trainer.world_size > 1:
+            torch.distributed.all_reduce(requested, op=torch.distributed.ReduceOp.MAX)
+        if requested.item():
+            raise StopRequested(signal.Signals(int(requested.item())).name)
+
+
 class LastCheckpoint(pl.Callback):
-    """`last.ckpt` after the final step and on Ctrl-C, so that `--resume auto` continues from the very last step
-    (between them, the `last` ModelCheckpoint saves it at every validation). Other exceptions save nothing: a
-    failure (a NaN loss, say) must not overwrite the last good checkpoint."""
+    """`last.ckpt` after the final step and on a clean stop (SIGTERM, Ctrl-C), so that `--resume auto` continues from
+    the very last step (between them, the `last` ModelCheckpoint saves it at every validation). Other exceptions save
+    nothing: a failure (a NaN loss, a rank lost) must not overwrite the last good checkpoint."""
 
     def __init__(self, last: Path):
         self.last = last
         self.saved_at: int | None = None
         self.interrupted_at: int | None = None
+        self.signal_name = "SIGINT"
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         # Saved inside the step loop, like ModelCheckpoint's step checkpoints: a checkpoint written after the loop
@@ -54,9 +104,12 @@ class LastCheckpoint(pl.Callback):
             self._save(trainer)
 
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
-        if isinstance(exception, KeyboardInterrupt) and trainer.global_step > 0:
+        # Several ranks save only where they all stopped together: saving waits for every rank.
+        agreed = isinstance(exception, StopRequested) or trainer.world_size == 1
+        if isinstance(exception, KeyboardInterrupt) and agreed and trainer.global_step > 0:
             self._save(trainer)
             self.interrupted_at = trainer.global_step
+            self.signal_name = getattr(exception, "signal_name", "SIGINT")
 
     def _save(self, trainer) -> None:
         trainer.save_checkpoint(self.last, weights_only=False)  # the full state: optimizer, scheduler, loops

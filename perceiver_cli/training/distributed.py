@@ -1,21 +1,40 @@
 """The Lightning strategy for `[trainer] strategy`: "auto" and "ddp" are Lightning's own; "fsdp" is Lightning's
-FSDPStrategy set up for our models.
+FSDPStrategy set up for our models. And what keeps a multi-process run from hanging: the collective watchdog.
 
 FSDP shards each attention layer (cross- or self-attention with its MLP, in both model kinds) as one unit, so a
 device holds the full weights of one layer at a time; `[trainer.fsdp] activation_checkpointing` recomputes those
 layers' activations in the backward pass instead of keeping them. Checkpoints are consolidated into one file
 ("full" state dict, written by rank 0) that resumes on any number of processes and that
 `perceiver_cli.checkpoints.load_model` reads like any other.
+
+The watchdog: the ranks of a run meet in collectives (the gradient all-reduce of every step, barriers around
+checkpoints, the validation loss); a rank that died or stopped would leave the others waiting there forever. Every
+collective of the training therefore has a deadline, `[trainer] collective_timeout` (the process group's timeout:
+torch ends a collective that has not completed by then with an error), and `CollectiveWatch` turns that error into
+one line naming what was waited for and the last completed step. Setting up waits longer (JOIN_TIMEOUT): the ranks
+start at different times, and under torchrun or srun the others wait for rank 0 to prepare the data. A rank that
+was killed closes its connections, so the others fail at their next collective, at once. `RankLauncher` replaces
+Lightning's watcher of the ranks it starts, which SIGKILLs rank 0 as soon as another rank ends badly, before rank 0
+could say why or finish a checkpoint.
 """
 
 from __future__ import annotations
 
 import math
+import os
+import signal
+import sys
+import threading
+import time
+import traceback
+from datetime import timedelta
 from typing import TYPE_CHECKING
 
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.strategies import FSDPStrategy
+from lightning_fabric.utilities.distributed import _set_num_threads_if_needed
+from pytorch_lightning.strategies import DDPStrategy, FSDPStrategy
+from pytorch_lightning.strategies.launchers import _SubprocessScriptLauncher
 from torch import nn
 
 from perceiver_cli.errors import UserError
@@ -26,11 +45,17 @@ if TYPE_CHECKING:
     from perceiver_cli.config import RunConfig
 
 SHARDED_LAYERS: frozenset[type[nn.Module]] = frozenset({CrossAttentionLayer, SelfAttentionLayer})
+JOIN_TIMEOUT = timedelta(minutes=30)  # Lightning's default process-group timeout
 
 
 def build_strategy(cfg: RunConfig):
-    """The Trainer's `strategy` argument: Lightning's name for auto and ddp, a configured FSDPStrategy for fsdp."""
+    """The Trainer's `strategy` argument: a DDPStrategy or FSDPStrategy with the collective timeout, or "auto" for
+    one process."""
     t = cfg.trainer
+    timeout = max(JOIN_TIMEOUT, timedelta(seconds=t.collective_timeout))  # until training starts: see CollectiveWatch
+    several = (isinstance(t.devices, int) and t.devices > 1) or t.num_nodes > 1
+    if t.strategy == "ddp" or (t.strategy == "auto" and several):  # what Lightning's "auto" picks for several
+        return DDPStrategy(timeout=timeout)
     if t.strategy != "fsdp":
         return t.strategy
     if t.accelerator == "auto" and not torch.cuda.is_available():
@@ -47,6 +72,7 @@ def build_strategy(cfg: RunConfig):
         activation_checkpointing_policy=set(SHARDED_LAYERS) if fsdp.activation_checkpointing else None,
         sharding_strategy=fsdp.sharding.upper(),
         state_dict_type="full",
+        timeout=timeout,
         **options,
     )
 
@@ -73,3 +99,119 @@ class ShardedGradientClipping(pl.Callback):
         norm = trainer.strategy.model.clip_grad_norm_(self.max_norm or math.inf)
         if not torch.isfinite(norm):
             raise NonFiniteLossError("gradient", trainer.global_step)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The collective watchdog
+# ---------------------------------------------------------------------------------------------------------------
+
+# How torch reports a collective that cannot complete: gloo's and NCCL's timeouts, the TCP store's wait for ranks to
+# join, and a peer that is gone.
+COLLECTIVE_FAILURES = ("Timed out waiting", "Watchdog caught collective operation timeout", "clients joined",
+                       "Connection closed by peer", "Connection reset by peer")
+
+
+class CollectiveWatch(pl.Callback):
+    """Knows what this rank was doing when a collective failed: the stage of the run and the last completed step.
+
+    The traceback names Python-level collectives (torch.distributed.broadcast, barrier, ...); the gradient
+    all-reduce runs inside loss.backward, in DDP's C++ hooks, so the stage names that one."""
+
+    def __init__(self, timeout: float):
+        self.timeout = timeout
+        self.waited = max(JOIN_TIMEOUT.total_seconds(), timeout)  # the deadline in force
+        self.stage = "setting up (every rank joins the process group; rank 0 prepares the data first)"
+        self.completed = 0  # the last completed optimizer step
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.distributed_c10d._set_pg_timeout(timedelta(seconds=self.timeout))
+            self.waited = self.timeout
+        self.completed = trainer.global_step
+        self.stage = "starting to train"
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.stage = f"step {trainer.global_step + 1}"
+
+    def on_before_backward(self, trainer, pl_module, loss) -> None:
+        self.stage = f"the gradient all-reduce of step {trainer.global_step + 1} (in loss.backward)"
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        self.stage = f"the optimizer step of step {trainer.global_step + 1}"
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.completed = trainer.global_step
+        self.stage = f"the end of step {trainer.global_step} (checkpoints, the stop check)"
+
+    def on_validation_start(self, trainer, pl_module) -> None:
+        self.stage = f"validation after step {trainer.global_step} (its loss is averaged over the ranks)"
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        self.stage = f"the end of validation after step {trainer.global_step} (rank 0 writes the sample, checkpoints)"
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint) -> None:
+        self.stage = f"saving the checkpoint of step {trainer.global_step} (every rank waits for rank 0 to write it)"
+
+    def describe(self, err: BaseException, rank: int) -> str | None:
+        """One line on a failed collective, or None when `err` is not one."""
+        text = str(err)
+        reported = isinstance(err, RuntimeError) and any(marker in text for marker in COLLECTIVE_FAILURES)
+        if not reported and not isinstance(err, getattr(torch.distributed, "DistError", ())):
+            return None
+        what = self.stage
+        frames = traceback.extract_tb(err.__traceback__)
+        collective = next((f for f in reversed(frames) if f.filename.endswith("distributed_c10d.py")), None)
+        if collective is not None:
+            # Who called it: our code where it did (a training step, a callback), else Lightning.
+            callers = [f for f in frames if "/torch/" not in f.filename and f.filename != collective.filename]
+            ours = [f for f in callers if "perceiver_cli" in f.filename and "/training/run.py" not in f.filename
+                    and "/commands/" not in f.filename and not f.filename.endswith("cli.py")
+                    and f.name != "launch"]  # RankLauncher.launch holds all of trainer.fit
+            caller = (ours or callers or [collective])[-1]
+            what = f"torch.distributed.{collective.name} (called from {caller.name}) during {self.stage}"
+        if "Connection" in text:
+            cause = f"another rank stopped (its connection closed) while rank {rank} waited for {what}"
+        else:
+            cause = f"rank {rank} waited more than {self.waited:g} s (trainer.collective_timeout) for {what}"
+        return f"{cause}; the last completed step is {self.completed}"
+
+
+class RankLauncher(_SubprocessScriptLauncher):
+    """Lightning's launcher of the other ranks of this machine (it re-runs the command with LOCAL_RANK set), with a
+    gentler watcher: Lightning's SIGKILLs this process within 5 s of another rank ending badly, which loses this
+    rank's error message and can cut a checkpoint save short. Here this rank gets one collective timeout (plus a
+    margin) to end by itself: its next collective fails at once if the rank died, or times out."""
+
+    def __init__(self, launcher: _SubprocessScriptLauncher, timeout: float):
+        super().__init__(launcher.cluster_environment, launcher.num_processes, launcher.num_nodes)
+        self.timeout = timeout
+
+    def launch(self, function, *args, trainer=None, **kwargs):
+        # Lightning's launch() with our watcher instead of its own.
+        self.cluster_environment.validate_settings(num_devices=self.num_processes, num_nodes=self.num_nodes)
+        if not self.cluster_environment.creates_processes_externally:
+            self._call_children_scripts()
+            threading.Thread(target=self._watch, daemon=True, name="rank-watcher").start()
+        _set_num_threads_if_needed(num_processes=self.num_processes)
+        return function(*args, **kwargs)
+
+    def _watch(self, period: float = 1.0, margin: float = 30.0) -> None:
+        while True:
+            time.sleep(period)
+            ended = [(rank, p.poll()) for rank, p in enumerate(self.procs, start=1) if p.poll() is not None]
+            if len(ended) == len(self.procs) and all(code == 0 for _, code in ended):
+                return
+            failed = [(rank, code) for rank, code in ended if code != 0]
+            if failed:
+                time.sleep(self.timeout + margin)
+                rank, code = failed[0]
+                print(f"error: rank {rank} ended with status {code} and rank 0 did not stop within "
+                      f"{self.timeout + margin:g} s; ending it", file=sys.stderr, flush=True)
+                os.kill(os.getpid(), signal.SIGKILL)
+
+
+def watch_ranks(trainer: pl.Trainer, timeout: float) -> None:
+    """Start the other ranks with RankLauncher (see there), where Lightning starts them."""
+    launcher = trainer.strategy.launcher
+    if type(launcher) is _SubprocessScriptLauncher:
+        trainer.strategy._launcher = RankLauncher(launcher, timeout)  # Lightning has no setter for it

@@ -106,6 +106,7 @@ def fit(cfg: RunConfig, name: str, checkpoint: Path | None, console: Console) ->
     from perceiver_cli.models.lightning import NonFiniteLossError
     from perceiver_cli.training.build import build_datamodule, build_lit_model, build_trainer
     from perceiver_cli.training.callbacks import LastCheckpoint
+    from perceiver_cli.training.distributed import CollectiveWatch
 
     layout_note = check_layout(cfg.trainer, launch)
     pl.seed_everything(cfg.trainer.seed, workers=True, verbose=False)
@@ -133,21 +134,33 @@ def fit(cfg: RunConfig, name: str, checkpoint: Path | None, console: Console) ->
 
     trainer = build_trainer(cfg, run_dir, console, bytes_per_token(datamodule), resumed=checkpoint is not None)
     os.environ[RUN_DIR_ENV] = str(run_dir)  # the ranks Lightning starts (ddp, fsdp) inherit it
+    last = run_dir / "checkpoints" / "last.ckpt"
+
+    def kept() -> str:
+        return f"the last good checkpoint is {last}" if last.is_file() else "no checkpoint was written yet"
+
     try:
         trainer.fit(lit, datamodule=datamodule, ckpt_path=str(checkpoint) if checkpoint else None)
     except NonFiniteLossError as err:
-        last = run_dir / "checkpoints" / "last.ckpt"
-        kept = f"the last good checkpoint is {last}" if last.is_file() else "no checkpoint was written yet"
         raise UserError(
-            f"{err}; training stopped and {kept}",
+            f"{err}; training stopped and {kept()}",
             hint="lower optimizer.lr, raise scheduler.warmup_steps or set trainer.gradient_clip_val, then resume",
         ) from None
-    except SystemExit as exit_:  # Lightning's answer to Ctrl-C: it saved what it could and exits
+    except RuntimeError as err:  # a collective that could not complete: a rank died, stopped or is stuck
+        failure = next(c for c in trainer.callbacks if isinstance(c, CollectiveWatch)).describe(err, launch.rank)
+        if failure is None:
+            raise
+        raise UserError(
+            f"{failure}; training stopped and {kept()}",
+            hint=f"see the other ranks' errors; resume with: perceiver train --preset {name} --resume auto "
+                 "(if a rank was busy rather than stuck, raise trainer.collective_timeout)",
+        ) from err  # the collective's own error, for --debug
+    except SystemExit as exit_:  # Lightning's answer to Ctrl-C and to a clean stop: it saved what it could and exits
         interrupted = next((c for c in trainer.callbacks if isinstance(c, LastCheckpoint)), None)
         if interrupted is not None and interrupted.interrupted_at is not None:
-            console.print(f"saved step {interrupted.interrupted_at} to {run_dir / 'checkpoints' / 'last.ckpt'}; "
+            console.print(f"{interrupted.signal_name}: saved step {interrupted.interrupted_at} to {last}; "
                           f"resume with: perceiver train --preset {name} --resume auto", soft_wrap=True)
-            raise SystemExit(130) from None
+            raise SystemExit(143 if interrupted.signal_name == "SIGTERM" else 130) from None
         raise exit_
     finally:
         os.environ.pop(RUN_DIR_ENV, None)
