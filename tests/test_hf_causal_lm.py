@@ -1,0 +1,170 @@
+"""The exported causal LM as a Hugging Face causal LM: logits of every position, a tokenizer that adds nothing,
+left-padded batches, and generation through the stepper `perceiver generate` runs (issue 18)."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from tiny_models import tiny_clm_config
+from transformers import AutoModelForCausalLM, AutoTokenizer, PerceiverTokenizer, pipeline
+
+from perceiver_cli import cli
+from perceiver_cli.checkpoints import write_checkpoint
+from perceiver_cli.generation import GenerationSettings, generate_tokens
+from perceiver_cli.models.clm import CausalLanguageModel
+
+import perceiver_cli.models.huggingface  # noqa: F401  (registers the model type)
+
+CONFIG = tiny_clm_config(cross_attention_dropout=0.0)  # max_seq_len 48, max_latents 12
+
+
+@pytest.fixture(scope="module")
+def backend():
+    torch.manual_seed(0)
+    model = CausalLanguageModel(tiny_clm_config(cross_attention_dropout=0.0, init_scale=0.2)).eval()
+    return model
+
+
+@pytest.fixture(scope="module")
+def exported(backend, tmp_path_factory):
+    directory = tmp_path_factory.mktemp("clm")
+    write_checkpoint(directory / "clm.ckpt", "clm", backend, CONFIG)
+    with pytest.raises(SystemExit) as exit_:
+        cli.run_app(cli.app, ["convert", "--to", "hf", "--model", str(directory / "clm.ckpt"), str(directory / "hf")])
+    assert exit_.value.code == 0
+    return directory / "hf"
+
+
+@pytest.fixture(scope="module")
+def hf_model(exported):
+    return AutoModelForCausalLM.from_pretrained(exported).eval()
+
+
+def ids_of(n: int, seed: int = 0) -> torch.Tensor:
+    return torch.randint(6, 262, (1, n), generator=torch.Generator().manual_seed(seed))
+
+
+def scored_by_windows(backend, ids: torch.Tensor) -> torch.Tensor:
+    """The logits of every position, each from the latents of a window: chunks of max_latents from the end, each
+    window reaching back max_seq_len tokens."""
+    n, rows = ids.shape[1], []
+    for hi in range(n, 0, -backend.max_latents):
+        k = min(backend.max_latents, hi)
+        window = ids[:, max(0, hi - backend.max_seq_len) : hi]
+        with torch.no_grad():
+            rows.insert(0, backend(window, window.shape[1] - k))
+    return torch.cat(rows, dim=1)
+
+
+# --- 1. logits of every position ------------------------------------------------------------------------------------
+
+
+def test_forward_returns_logits_for_every_position(backend, hf_model):
+    ids = ids_of(70)  # longer than the window (48) and several chunks of latents (12)
+    with torch.no_grad():
+        output = hf_model(ids, labels=ids)
+    assert output.logits.shape == (1, 70, 262)
+    torch.testing.assert_close(output.logits, scored_by_windows(backend, ids), atol=1e-5, rtol=0)
+    # The loss of every Hugging Face causal LM: logits at i predict token i + 1.
+    expected_loss = F.cross_entropy(output.logits[0, :-1], ids[0, 1:])
+    torch.testing.assert_close(output.loss, expected_loss)
+
+
+def test_the_last_row_is_what_generation_starts_from(backend, hf_model):
+    ids = ids_of(30, seed=1)
+    with torch.no_grad():
+        logits = hf_model(ids).logits
+        first = hf_model.generate(ids, max_new_tokens=1, do_sample=False, return_dict_in_generate=True,
+                                  output_logits=True).logits[0]
+    torch.testing.assert_close(logits[:, -1], first, atol=1e-5, rtol=0)
+
+
+def test_logits_to_keep_and_num_latents_ask_for_fewer(backend, hf_model):
+    ids = ids_of(40, seed=2)
+    with torch.no_grad():
+        full = hf_model(ids).logits
+        torch.testing.assert_close(hf_model(ids, logits_to_keep=15).logits, full[:, -15:], atol=1e-6, rtol=0)
+        assert torch.equal(hf_model(ids, num_latents=5).logits, backend(ids, 35))
+
+
+def test_left_padding_changes_no_real_position(hf_model):
+    long, short = ids_of(40, seed=3), ids_of(26, seed=4)
+    batch = torch.cat([long, torch.cat([torch.zeros(1, 14, dtype=torch.long), short], dim=1)])
+    mask = torch.ones_like(batch)
+    mask[1, :14] = 0
+    with torch.no_grad():
+        together = hf_model(batch, attention_mask=mask).logits
+        alone = hf_model(short).logits
+    torch.testing.assert_close(together[0:1], hf_model(long).logits, atol=1e-5, rtol=0)
+    torch.testing.assert_close(together[1:, 14:], alone, atol=1e-5, rtol=0)
+
+
+# --- 2. the tokenizer -----------------------------------------------------------------------------------------------
+
+
+def test_exported_tokenizer_adds_no_special_tokens_and_tells_the_window(exported):
+    tokenizer = AutoTokenizer.from_pretrained(exported)
+    text = "Grüße, [CLS] world\n"
+    assert tokenizer(text)["input_ids"] == PerceiverTokenizer()(text, add_special_tokens=False)["input_ids"]
+    assert tokenizer.decode(tokenizer(text)["input_ids"]) == text
+    assert tokenizer.model_max_length == CONFIG.max_seq_len
+    assert tokenizer.padding_side == "left"
+    assert (tokenizer.pad_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id) == (0, 1, 2)
+
+
+def test_text_generation_pipeline_with_defaults_continues_the_prompt(backend, exported):
+    prompt = "The meaning of"
+    generator = pipeline("text-generation", model=str(exported), device="cpu")
+    text = generator(prompt, max_new_tokens=12, do_sample=False)[0]["generated_text"]
+    ids = PerceiverTokenizer()(prompt, add_special_tokens=False)["input_ids"]
+    settings = GenerationSettings(max_new_tokens=12, do_sample=False, stop_at_eos=False)
+    expected = torch.stack(list(generate_tokens(backend, ids, settings)))[:, 0].tolist()
+    assert text == prompt + PerceiverTokenizer().decode(expected)
+
+
+# --- 3. left-padded batches -----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_a_left_padded_row_generates_what_it_generates_alone_past_max_latents(hf_model, use_cache):
+    # Row 1 has 14 pads; 40 new tokens take both rows past max_latents (12) and past the window (48).
+    long, short = ids_of(20, seed=5), ids_of(6, seed=6)
+    batch = torch.cat([long, torch.cat([torch.zeros(1, 14, dtype=torch.long), short], dim=1)])
+    mask = torch.ones_like(batch)
+    mask[1, :14] = 0
+
+    def greedy(ids, **kwargs):
+        with torch.no_grad():
+            out = hf_model.generate(ids, max_new_tokens=40, min_new_tokens=40, do_sample=False, use_cache=use_cache,
+                                    return_dict_in_generate=True, output_scores=True, **kwargs)
+        return out.sequences[:, ids.shape[1] :], torch.stack(out.scores, dim=1)
+
+    tokens, scores = greedy(batch, attention_mask=mask)
+    for row, alone in enumerate((long, short)):
+        alone_tokens, alone_scores = greedy(alone)
+        assert tokens[row].tolist() == alone_tokens[0].tolist(), row
+        torch.testing.assert_close(scores[row], alone_scores[0], atol=1e-4, rtol=0)
+
+
+# --- 5. one stepper -------------------------------------------------------------------------------------------------
+
+
+def test_cached_generate_steps_through_the_models_step(hf_model, monkeypatch):
+    # While the latents grow, a cached step is one token through `CausalLanguageModel.step` (the fast path of
+    # `perceiver generate`), not a forward pass.
+    calls = []
+    backend = hf_model.model
+    forward, step = backend.forward, backend.step
+    monkeypatch.setattr(backend, "forward", lambda *a, **k: calls.append("forward") or forward(*a, **k))
+    monkeypatch.setattr(backend, "step", lambda *a, **k: calls.append("step") or step(*a, **k))
+    with torch.no_grad():
+        hf_model.generate(ids_of(4, seed=7), max_new_tokens=6, min_new_tokens=6, do_sample=False)
+    assert calls == ["forward"] + ["step"] * 5
+
+
+def test_generate_and_perceiver_generate_give_the_same_tokens_past_the_window(backend, hf_model):
+    ids = ids_of(30, seed=8)
+    settings = GenerationSettings(max_new_tokens=50, do_sample=False, stop_at_eos=False)
+    ours = torch.stack(list(generate_tokens(backend, ids[0].tolist(), settings)))[:, 0].tolist()
+    with torch.no_grad():
+        theirs = hf_model.generate(ids, max_new_tokens=50, min_new_tokens=50, do_sample=False)[0, 30:].tolist()
+    assert theirs == ours
