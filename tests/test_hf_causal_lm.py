@@ -1,6 +1,8 @@
 """The exported causal LM as a Hugging Face causal LM: logits of every position, a tokenizer that adds nothing,
 left-padded batches, and generation through the stepper `perceiver generate` runs (issue 18)."""
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -168,3 +170,93 @@ def test_generate_and_perceiver_generate_give_the_same_tokens_past_the_window(ba
     with torch.no_grad():
         theirs = hf_model.generate(ids, max_new_tokens=50, min_new_tokens=50, do_sample=False)[0, 30:].tolist()
     assert theirs == ours
+
+
+# --- 4. the standard API --------------------------------------------------------------------------------------------
+
+
+def fresh_model(hf_model):
+    """A copy of the exported model (and its config) that a test may change."""
+    return copy.deepcopy(hf_model).eval()
+
+
+def test_hidden_states_are_those_the_logits_come_from(hf_model):
+    ids = ids_of(30, seed=9)
+    with torch.no_grad():
+        output = hf_model(ids, output_hidden_states=True)
+    states = output.hidden_states
+    assert len(states) == CONFIG.num_self_attention_layers + 1  # cross-attention, then each self-attention layer
+    assert all(h.shape == (1, 30, CONFIG.num_channels) for h in states)
+    backend = hf_model.model
+    expected = F.linear(states[-1], backend.input_adapter.txt_embedding.weight, backend.output_bias)
+    torch.testing.assert_close(expected, output.logits, atol=1e-5, rtol=0)
+
+
+def test_return_dict_false_gives_the_tuple(hf_model):
+    ids = ids_of(10, seed=10)
+    with torch.no_grad():
+        loss, logits = hf_model(ids, labels=ids, return_dict=False)
+        assert torch.equal(logits, hf_model(ids).logits)
+        assert torch.equal(loss, hf_model(ids, labels=ids).loss)
+
+
+def test_embeddings_can_be_read_replaced_and_resized(hf_model):
+    model = fresh_model(hf_model)
+    assert model.get_input_embeddings() is model.model.input_adapter.txt_embedding
+    ids = ids_of(16, seed=11)
+    with torch.no_grad():
+        before = model(ids).logits
+        model.resize_token_embeddings(300)
+        after = model(ids).logits
+    assert after.shape == (1, 16, 300) and model.config.vocab_size == 300
+    torch.testing.assert_close(after[..., :262], before, atol=1e-6, rtol=0)  # the old tokens keep their logits
+    with torch.no_grad():
+        model.generate(ids, max_new_tokens=3)
+
+
+def test_inputs_embeds_stand_in_for_input_ids(hf_model):
+    ids = ids_of(30, seed=12)
+    embeds = hf_model.get_input_embeddings()(ids)
+    with torch.no_grad():
+        torch.testing.assert_close(hf_model(inputs_embeds=embeds).logits, hf_model(ids).logits, atol=1e-6, rtol=0)
+        from_ids = hf_model.generate(ids, max_new_tokens=30, do_sample=False)[:, 30:]
+        from_embeds = hf_model.generate(inputs_embeds=embeds, max_new_tokens=30, do_sample=False)
+    assert torch.equal(from_ids, from_embeds)
+
+
+def test_generation_kwargs_reach_forward_and_the_cache_is_a_transformers_cache(hf_model):
+    from transformers.cache_utils import Cache
+
+    ids = ids_of(8, seed=13)
+    inputs = hf_model.prepare_inputs_for_generation(ids, num_latents=3, custom_flag=True)
+    assert inputs["num_latents"] == 3 and inputs["custom_flag"] is True
+    assert hf_model.config.use_cache is True
+    with torch.no_grad():
+        output = hf_model.generate(ids, max_new_tokens=3, return_dict_in_generate=True)
+    assert isinstance(output.cache, Cache) and output.cache.get_seq_length() == 8 + 2
+
+
+def test_assisted_decoding_and_prompt_lookup_give_greedy_tokens(hf_model):
+    half = ids_of(20, seed=14)
+    ids = torch.cat([half, half], dim=1)  # repetitive, so prompt lookup finds drafts
+    with torch.no_grad():
+        greedy = hf_model.generate(ids, max_new_tokens=30, do_sample=False)
+        lookup = hf_model.generate(ids, max_new_tokens=30, do_sample=False, prompt_lookup_num_tokens=5)
+        assisted = hf_model.generate(ids, max_new_tokens=30, do_sample=False, assistant_model=hf_model)
+    assert torch.equal(lookup, greedy) and torch.equal(assisted, greedy)
+
+
+def test_gradient_checkpointing_enable_recomputes_the_layers(hf_model, monkeypatch):
+    import perceiver_cli.models.layers as layers
+
+    model = fresh_model(hf_model).train()
+    calls = []
+    checkpoint = layers.checkpoint
+    monkeypatch.setattr(layers, "checkpoint", lambda *a, **k: calls.append(1) or checkpoint(*a, **k))
+    ids = ids_of(20, seed=15)
+    model(ids, labels=ids).loss.backward()
+    assert not calls
+    model.gradient_checkpointing_enable()
+    assert model.is_gradient_checkpointing
+    model(ids, labels=ids).loss.backward()
+    assert calls  # the cross-attention and every self-attention layer of each window

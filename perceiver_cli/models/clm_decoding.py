@@ -19,6 +19,7 @@ Shapes: B sequences, N positions, V vocabulary.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -99,11 +100,25 @@ def sequence_logits(
     """Logits (B, N, V) of every position of `input_ids` (B, N), or of the last `logits_to_keep` (> 0) only;
     padding positions get zeros. Each position is scored at a latent of its window (see `scoring_windows`), the
     windows of all rows and chunks batched B at a time, left-padded to one length (as `perceiver eval` does)."""
-    b, n = input_ids.shape
+    return sequence_outputs(model, input_ids, attention_mask, logits_to_keep)[0]
+
+
+def sequence_outputs(
+    model: CausalLanguageModel,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    logits_to_keep: int = 0,
+    run: Callable[..., tuple[torch.Tensor, ...]] | None = None,
+) -> list[torch.Tensor]:
+    """`sequence_logits` for any outputs per latent: `run(x, prefix_len, pad_mask)` returns tensors (W, L, ...) for
+    the latents of W windows (default: the logits). `input_ids` may be token embeddings (B, N, C)."""
+    if run is None:
+        run = lambda x, prefix_len, pad_mask: (model(x, prefix_len, pad_mask=pad_mask),)  # noqa: E731
+    b, n = input_ids.shape[:2]
     pads = left_padding(attention_mask, n) or [0] * b
     first_kept = max(0, n - logits_to_keep) if logits_to_keep > 0 else 0
     if n <= model.max_latents and not any(pads):  # one window, all latents: a single pass
-        return model(input_ids, 0)[:, first_kept:]
+        return [output[:, first_kept:] if first_kept else output for output in run(input_ids, 0, None)]
     jobs = [  # (row, lo, hi, k) in the columns of input_ids
         (row, pad + lo, pad + hi, k)
         for row, pad in enumerate(pads)
@@ -114,17 +129,18 @@ def sequence_logits(
     for start in range(0, len(jobs), b):
         batch = jobs[start : start + b]
         width = max(hi - lo for _, lo, hi, _ in batch)
-        x = input_ids.new_zeros(len(batch), width)
+        x = input_ids.new_zeros(len(batch), width, *input_ids.shape[2:])
         pad_mask = torch.ones(len(batch), width, dtype=torch.bool, device=input_ids.device)
         for i, (row, lo, hi, _) in enumerate(batch):
             x[i, width - (hi - lo) :] = input_ids[row, lo:hi]
             pad_mask[i, width - (hi - lo) :] = False
-        logits = model(x, max(0, width - model.max_latents), pad_mask=pad_mask if pad_mask.any() else None)
+        outputs = run(x, max(0, width - model.max_latents), pad_mask if pad_mask.any() else None)
         if out is None:
-            out = logits.new_zeros(b, n - first_kept, logits.shape[-1])
+            out = [output.new_zeros(b, n - first_kept, *output.shape[2:]) for output in outputs]
         for i, (row, _, hi, k) in enumerate(batch):
             lo_kept = max(hi - k, first_kept)
-            out[row, lo_kept - first_kept : hi - first_kept] = logits[i, logits.shape[1] - (hi - lo_kept) :]
+            for placed, output in zip(out, outputs):
+                placed[row, lo_kept - first_kept : hi - first_kept] = output[i, output.shape[1] - (hi - lo_kept) :]
     return out
 
 
@@ -196,9 +212,9 @@ class WindowStepper:
     def start(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, num_latents: int | None = None
     ) -> torch.Tensor:
-        """Logits (B, V) of the token after each prompt of `input_ids` (B, N). `num_latents`: latents of the first
-        window (default: as many as fit; see `first_window`)."""
-        b, n = input_ids.shape
+        """Logits (B, V) of the token after each prompt of `input_ids` (B, N), or of token embeddings (B, N, C).
+        `num_latents`: latents of the first window (default: as many as fit; see `first_window`)."""
+        b, n = input_ids.shape[:2]
         pads = left_padding(attention_mask, n) or [0] * b
         if max(pads) >= n:
             raise ValueError("a row of the batch has no token: every prompt needs at least one")
@@ -226,15 +242,28 @@ class WindowStepper:
         with self._kernels():
             return self._gather([self._step_group(g, tokens[g.rows]) for g in self.groups])
 
-    def extend(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Append `tokens` (B, t) one step at a time; the logits (B, t, V) after each of them."""
-        return torch.stack([self.step(tokens[:, i]) for i in range(tokens.shape[1])], dim=1)
+    def extend(self, tokens: torch.Tensor, after_step: Callable[[], None] | None = None) -> torch.Tensor:
+        """Append `tokens` (B, t) one step at a time; the logits (B, t, V) after each of them. `after_step()` is
+        called after each step (to look at the windows)."""
+        logits = []
+        for i in range(tokens.shape[1]):
+            logits.append(self.step(tokens[:, i]))
+            if after_step is not None:
+                after_step()
+        return torch.stack(logits, dim=1)
+
+    def window_inputs(self) -> list[tuple[torch.Tensor, torch.Tensor, int]]:
+        """(rows, window tokens, prefix length) of each group: what a full pass over the current windows takes."""
+        return [(group.rows, *self._window(group)) for group in self.groups]
 
     def _step_group(self, group: _Group, tokens: torch.Tensor) -> torch.Tensor:
         old = group.window
         group.window, fresh = advance_window(old, self.config, self.schedule)
         group.history.append((old, fresh))
-        group.tokens = torch.cat([group.tokens, tokens[:, None]], dim=1)
+        new = tokens[:, None]
+        if group.tokens.is_floating_point():  # a prompt given as embeddings: the window is kept as embeddings
+            new = self.model.input_adapter.txt_embedding(new)
+        group.tokens = torch.cat([group.tokens, new], dim=1)
         if group.cache is None:
             return self.model(*self._window(group))[:, -1]
         if fresh or group.stale:  # latents joined the prefix or tokens left: rebuild what the cache cannot keep
@@ -266,11 +295,16 @@ class WindowStepper:
                         kv_cache.truncate(len(kv_cache) - num_tokens)
         self.seq_len -= num_tokens
 
-    def replace_tokens(self, input_ids: torch.Tensor) -> None:
-        """Take the rows' tokens from `input_ids` (B, seq_len), left-padded as at the start: without the cache,
-        transformers' beam search reorders the sequences between steps."""
+    def take_new_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """The tokens of `input_ids` (B, T), the whole sequences so far, that the stepper has not seen; the rows'
+        older tokens are taken from it too: without a cache, transformers' beam search reorders the sequences
+        between steps and passes all of them. (After a prompt given as embeddings, transformers passes the
+        generated tokens only, and cannot reorder the prompt.)"""
+        if self.groups[0].tokens.is_floating_point():
+            return input_ids[:, len(self.groups[0].history) :]
         for group in self.groups:
-            group.tokens = input_ids[group.rows, input_ids.shape[1] - group.tokens.shape[1] :]
+            group.tokens = input_ids[group.rows, self.seq_len - group.tokens.shape[1] : self.seq_len]
+        return input_ids[:, self.seq_len :]
 
     def reset(self) -> None:
         self.groups, self.seq_len, self.batch_size = [], 0, 0

@@ -29,7 +29,7 @@ from transformers.cache_utils import Cache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from perceiver_cli.models.clm import CausalLanguageModel, CausalLanguageModelConfig
-from perceiver_cli.models.clm_decoding import DEFAULT_SCHEDULE, WindowStepper, sequence_logits
+from perceiver_cli.models.clm_decoding import DEFAULT_SCHEDULE, WindowStepper, sequence_outputs
 
 
 @dataclass
@@ -144,6 +144,7 @@ class PerceiverARForCausalLM(PreTrainedModel, GenerationMixin):
     def __init__(self, config: PerceiverARCausalLMConfig):
         super().__init__(config)
         self.model = CausalLanguageModel(config.backend_config())
+        self.gradient_checkpointing = config.activation_checkpointing  # transformers' flag; the backend's does it
         self.post_init()
 
     def _init_weights(self, module: nn.Module) -> None:
@@ -157,51 +158,95 @@ class PerceiverARForCausalLM(PreTrainedModel, GenerationMixin):
         if isinstance(module, CausalLanguageModel) and module.output_bias is not None:
             init.zeros_(module.output_bias)
 
+    # -----------------------------------------------------------------------------------------------------------
+    # The standard model API
+    # -----------------------------------------------------------------------------------------------------------
+
+    supports_gradient_checkpointing = True
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.model.input_adapter.txt_embedding
+
+    def set_input_embeddings(self, embedding: nn.Embedding) -> None:
+        """Replace the token embedding (the logits are tied to it); the output bias follows its vocabulary size."""
+        self.model.input_adapter.txt_embedding = embedding
+        vocab_size = embedding.num_embeddings
+        bias = self.model.output_bias
+        if bias is not None and bias.shape[0] != vocab_size:
+            resized = bias.new_zeros(vocab_size)
+            resized[: min(vocab_size, bias.shape[0])] = bias.data[:vocab_size]
+            self.model.output_bias = nn.Parameter(resized)
+        self.model.config.vocab_size = self.config.vocab_size = vocab_size
+
+    def get_output_embeddings(self) -> None:
+        return None  # tied: the logits are the hidden states times the token embedding
+
+    def _set_gradient_checkpointing(self, enable: bool = True, gradient_checkpointing_func=None, **kwargs) -> None:
+        # The backend checkpoints its own layers (torch.utils.checkpoint, non-reentrant).
+        self.gradient_checkpointing = enable
+        self.model.activation_checkpointing = self.model.self_attention.activation_checkpointing = enable
+        self.config.activation_checkpointing = self.model.config.activation_checkpointing = enable
+
     def forward(
         self,
-        input_ids: torch.LongTensor,
+        input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         cache: PerceiverARGenerationCache | None = None,
         use_cache: bool | None = None,
         labels: torch.LongTensor | None = None,
         logits_to_keep: int = 0,
         num_latents: int | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
         decoding_state: WindowStepper | None = None,
         past_key_values: PerceiverARGenerationCache | None = None,
         **kwargs,
-    ) -> PerceiverARCausalLMOutput:
-        """Logits (B, N, V) of the positions of `input_ids` (B, N), or of the last `logits_to_keep` (> 0) only.
-        `attention_mask` (1 = token, 0 = left padding) covers the cached positions followed by `input_ids`.
-        `num_latents=k`: the logits (B, k, V) of a single window over the last max_seq_len positions, of which the
-        last k are latents. `labels` (B, N), usually `input_ids`, give the next-token loss (-100: ignored).
+    ) -> PerceiverARCausalLMOutput | tuple:
+        """Logits (B, N, V) of the positions of `input_ids` (B, N) or `inputs_embeds` (B, N, C), or of the last
+        `logits_to_keep` (> 0) only. `attention_mask` (1 = token, 0 = left padding) covers the cached positions
+        followed by the new ones. `num_latents=k`: the logits (B, k, V) of a single window over the last
+        max_seq_len positions, of which the last k are latents. `labels` (B, N), usually `input_ids`, give the
+        next-token loss (-100: ignored). `output_hidden_states`: the latent stack's states at the same positions,
+        the cross-attention's output and each self-attention layer's (num_self_attention_layers + 1 tensors).
 
-        With a started `cache` (or `decoding_state`, generation without the cache), `input_ids` are the new tokens
-        (B, t) and the logits (B, t, V) are those of generation steps (see the module docstring)."""
+        With a started `cache` (or `decoding_state`, generation without the cache), the input is the new tokens
+        (B, t) and the logits (B, t, V) are those of generation steps (see the module docstring). A cache is made
+        when `use_cache=True` is passed: it costs one more pass over the last window."""
         cache = cache if cache is not None else past_key_values  # the keyword of transformers before 5.40
-        # A cache costs one more pass over the last window: made when asked for, not by default (config.use_cache
-        # is generate()'s default).
         use_cache = bool(use_cache) or cache is not None
+        return_dict = self.config.return_dict if return_dict is None else return_dict
+        output_hidden_states = self.config.output_hidden_states if output_hidden_states is None else output_hidden_states
+        inputs = input_ids if inputs_embeds is None else inputs_embeds
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass either input_ids or inputs_embeds")
         state = cache.stepper if cache is not None else decoding_state
+        hidden_states = None
         if state is not None and state.started:
-            if cache is None:  # without the cache the whole sequence comes each step, reordered by beam search
-                state.replace_tokens(input_ids[:, : state.seq_len])
-                input_ids = input_ids[:, state.seq_len :]
-            logits = state.extend(input_ids)
+            logits, hidden_states = self._generation_step(state, inputs, attention_mask, cache is None, output_hidden_states)
         else:
+            logits = None
             if num_latents is not None:
-                window = input_ids[:, -self.config.max_seq_len :]
+                window = inputs[:, -self.config.max_seq_len :]
                 mask = None if attention_mask is None else attention_mask[:, -window.shape[1] :] == 0
-                logits = self.model(window, window.shape[1] - num_latents, pad_mask=mask)
-            elif logits_to_keep == 1 and state is not None:
-                logits = None  # the stepper's first window computes them below
-            else:
-                logits = sequence_logits(self.model, input_ids, attention_mask, logits_to_keep)
+                outputs = self._run(window, window.shape[1] - num_latents, mask, output_hidden_states)
+                logits, hidden_states = outputs[0], outputs[1:] or None
+            elif state is not None and logits_to_keep > 1 and not output_hidden_states:
+                # Assisted decoding's first pass: the prompt, then draft tokens that must be generation steps (they
+                # are verified against them, and crop() may undo them).
+                split = inputs.shape[1] - logits_to_keep + 1
+                mask = None if attention_mask is None else attention_mask[:, :split]
+                first = state.start(inputs[:, :split], mask, num_latents)[:, None]
+                logits = torch.cat([first, state.extend(inputs[:, split:])], dim=1)
+            elif not (logits_to_keep == 1 and state is not None and not output_hidden_states):
+                # (else the stepper's first window computes them below)
+                logits, hidden_states = self._sequence(inputs, attention_mask, logits_to_keep, output_hidden_states)
             if state is None and use_cache and labels is None:
                 schedule = getattr(self.generation_config, "window_schedule", None) or DEFAULT_SCHEDULE
                 state = WindowStepper(self.model, schedule, use_cache=True)
                 cache = PerceiverARGenerationCache(state)
-            if state is not None:
-                last = state.start(input_ids, attention_mask, num_latents)[:, None]
+            if state is not None and not state.started:
+                last = state.start(inputs, attention_mask, num_latents)[:, None]
                 logits = last if logits is None else logits
         loss = None
         if labels is not None:
@@ -209,12 +254,70 @@ class PerceiverARForCausalLM(PreTrainedModel, GenerationMixin):
             n = logits.shape[1]
             targets = labels[:, -n:][:, 1:]
             loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
-        return PerceiverARCausalLMOutput(
+        output = PerceiverARCausalLMOutput(
             loss=loss,
             logits=logits,
             cache=cache if use_cache else None,
+            hidden_states=hidden_states,
             decoding_state=decoding_state if cache is None else None,
         )
+        return output if return_dict else output.to_tuple()
+
+    def _sequence(self, inputs, attention_mask, logits_to_keep: int, output_hidden_states: bool):
+        """Logits of the last `logits_to_keep` positions (0: all) and, if asked, the hidden states of all."""
+        keep = 0 if output_hidden_states else logits_to_keep
+        run = lambda x, prefix_len, pad_mask: self._run(x, prefix_len, pad_mask, output_hidden_states)  # noqa: E731
+        logits, *hidden_states = sequence_outputs(self.model, inputs, attention_mask, keep, run)
+        if keep != logits_to_keep and logits_to_keep > 0:
+            logits = logits[:, -logits_to_keep:]
+        return logits, tuple(hidden_states) or None
+
+    def _generation_step(self, state: WindowStepper, inputs, attention_mask, whole_sequence: bool, output_hidden_states: bool):
+        """Logits (B, t, V) of t generation steps over the new tokens of `inputs` and, if asked, hidden states: of
+        the new positions from their generation windows, and without the cache (`whole_sequence`) those of the
+        older positions too, as a full pass of transformers' models gives them."""
+        everything = inputs
+        if whole_sequence:  # without the cache the whole sequence comes each step, reordered by beam search
+            inputs = state.take_new_tokens(inputs)
+        steps = []
+        after_step = (lambda: steps.append(self._hidden_states_of_windows(state))) if output_hidden_states else None
+        logits = state.extend(inputs, after_step)
+        if not output_hidden_states:
+            return logits, None
+        hidden_states = tuple(torch.cat(layer, dim=1) for layer in zip(*steps))
+        if whole_sequence and not everything.is_floating_point() and everything.shape[1] > inputs.shape[1]:
+            t = inputs.shape[1]
+            mask = None if attention_mask is None else attention_mask[:, :-t]
+            _, older = self._sequence(everything[:, :-t], mask, 0, True)
+            hidden_states = tuple(torch.cat([old, new], dim=1) for old, new in zip(older, hidden_states))
+        return logits, hidden_states
+
+    def _run(self, x, prefix_len, pad_mask, output_hidden_states: bool) -> tuple[torch.Tensor, ...]:
+        """One pass of the backend: the latents' logits and, if asked, their hidden states (see `forward`)."""
+        if not output_hidden_states:
+            return (self.model(x, prefix_len, pad_mask=pad_mask),)
+        states = []
+        layers = [self.model.cross_attention, *self.model.self_attention.layers]
+        hooks = [layer.register_forward_hook(lambda _, __, out: states.append(out)) for layer in layers]
+        try:
+            logits = self.model(x, prefix_len, pad_mask=pad_mask)
+        finally:
+            for hook in hooks:
+                hook.remove()
+        return (logits, *states[: len(layers)])
+
+    def _hidden_states_of_windows(self, state: WindowStepper) -> tuple[torch.Tensor, ...]:
+        """The hidden states (B, 1, C) of each row's newest position, from one more pass over its window: a cached
+        step computes no full layer outputs."""
+        per_group = [(rows, self._run(tokens, prefix_len, None, True)[1:]) for rows, tokens, prefix_len in
+                     state.window_inputs()]
+        layers = []
+        for i in range(len(per_group[0][1])):
+            layer = per_group[0][1][i].new_empty(state.batch_size, 1, self.config.num_channels)
+            for rows, states in per_group:
+                layer[rows] = states[i][:, -1:]
+            layers.append(layer)
+        return tuple(layers)
 
     # -----------------------------------------------------------------------------------------------------------
     # generate()
@@ -227,6 +330,8 @@ class PerceiverARForCausalLM(PreTrainedModel, GenerationMixin):
             if not isinstance(model_kwargs["cache"], PerceiverARGenerationCache):
                 raise ValueError("Perceiver AR generates with its own cache: pass no cache, or the one it returned")
             return
+        if not generation_config.use_cache and generation_config.num_beams > 1 and "inputs_embeds" in model_kwargs:
+            raise ValueError("beam search from inputs_embeds needs the cache: generate with use_cache=True")
         schedule = getattr(generation_config, "window_schedule", None) or DEFAULT_SCHEDULE
         stepper = WindowStepper(self.model, schedule, use_cache=bool(generation_config.use_cache))
         if generation_config.use_cache:
