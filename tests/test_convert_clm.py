@@ -100,7 +100,7 @@ def test_export_loads_with_auto_model_and_computes_the_backend_logits(backend, e
     ids = torch.randint(6, 262, (2, 30))
     with torch.no_grad():
         assert torch.equal(model.eval()(ids, num_latents=10).logits, backend(ids, 20))
-    assert (model.generation_config.bos_token_id, model.generation_config.eos_token_id) == (1, 2)
+    assert (model.generation_config.bos_token_id, model.generation_config.eos_token_id) == (2, 2)
     assert model.generation_config.pad_token_id == 0
     assert AutoTokenizer.from_pretrained(exported).padding_side == "left"
 

@@ -110,7 +110,7 @@ def test_exported_tokenizer_adds_no_special_tokens_and_tells_the_window(exported
     assert tokenizer.decode(tokenizer(text)["input_ids"]) == text
     assert tokenizer.model_max_length == CONFIG.max_seq_len
     assert tokenizer.padding_side == "left"
-    assert (tokenizer.pad_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id) == (0, 1, 2)
+    assert (tokenizer.pad_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id) == (0, 2, 2)
 
 
 def test_text_generation_pipeline_with_defaults_continues_the_prompt(backend, exported):

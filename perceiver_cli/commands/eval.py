@@ -32,14 +32,31 @@ def evaluate(
     batch_size: Annotated[int | None, typer.Option(help="Sequences per batch (default: the run's).")] = None,
     json_output: Annotated[bool, typer.Option("--json", help="Print the results as one JSON object.")] = False,
     device: Annotated[str, typer.Option(help="cpu, cuda, cuda:N or mps.")] = "cpu",
+    tasks: Annotated[
+        str | None,
+        typer.Option(
+            metavar="NAME[,NAME]",
+            help="Run lm-evaluation-harness tasks instead (causal LMs; needs the 'eval' extra). --limit: documents "
+            "per task.",
+        ),
+    ] = None,
+    include_path: Annotated[
+        str | None, typer.Option(help="With --tasks: a directory of task YAML files to add to the harness's.")
+    ] = None,
 ) -> None:
-    """Evaluate a model: loss, perplexity and bits per byte (causal LM), or masked-token loss and accuracy."""
+    """Evaluate a model: loss, perplexity and bits per byte (causal LM), or masked-token loss and accuracy; or
+    lm-evaluation-harness tasks (--tasks)."""
     import json
 
     from perceiver_cli.data.sources import load_text_splits
     from perceiver_cli.data.tokenizer import load_tokenizer
     from perceiver_cli.model_choice import choose_model, resolve_device
 
+    if tasks is not None:
+        _run_harness(model, tasks, include_path, limit, batch_size, json_output, device, source or path or name)
+        return
+    if include_path is not None:
+        raise UserError("--include-path goes with --tasks")
     if split not in SPLITS:
         raise UserError(f"unknown split {split!r}: use validation or train")
     if limit is not None and limit < 1:
@@ -81,6 +98,38 @@ def evaluate(
         print(json.dumps(result, ensure_ascii=False))
     else:
         _print_table(result)
+
+
+def _run_harness(model, tasks, include_path, limit, batch_size, json_output, device, data_option) -> None:
+    import json
+
+    from perceiver_cli.harness import run_tasks
+    from perceiver_cli.model_choice import choose_model, resolve_device
+
+    names = [name.strip() for name in tasks.split(",") if name.strip()]
+    if not names:
+        raise UserError("--tasks needs at least one task name, e.g. --tasks lambada_openai")
+    if data_option:
+        raise UserError("--tasks evaluates on the tasks' own data: --source, --path and --name do not apply")
+    if limit is not None and limit < 1:
+        raise UserError(f"--limit must be at least 1 document, got {limit}")
+    if batch_size is not None and batch_size < 1:
+        raise UserError(f"--batch-size must be at least 1, got {batch_size}")
+    device = resolve_device(device)
+    loaded, results = run_tasks(lambda: choose_model(model, None, device=device), names, include_path, limit,
+                                batch_size or 1)
+    if json_output:
+        print(json.dumps({"model": str(loaded.source), "tasks": results}, ensure_ascii=False))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table("task", "metric", "value", box=None, pad_edge=False, title=str(loaded.source))
+    for task, metrics in results.items():
+        for metric, value in metrics.items():
+            shown = f"{value:,}" if isinstance(value, int) else f"{value:.4f}"
+            table.add_row(task, metric.replace(",none", ""), shown)
+    Console(soft_wrap=True).print(table)
 
 
 def data_source(

@@ -74,7 +74,8 @@ def causal_lm_tokenizer(spec: str, model_max_length: int):
     left, and its `model_max_length` is the model's window.
 
     "utf8" becomes a `tokenizers` byte-level tokenizer with the same ids (special tokens 0-5, byte b -> b + 6),
-    which stock transformers loads without remote code. A fast tokenizer of a directory loses its post-processor,
+    which stock transformers loads without remote code; its start-of-text token is [EOS], the document separator
+    of training. A fast tokenizer of a directory loses its post-processor,
     the part that adds special tokens."""
     if spec.strip().lower() in _UTF8_ALIASES:
         tokenizer = _byte_level_tokenizer()
@@ -109,7 +110,9 @@ def _byte_level_tokenizer():
     return PreTrainedTokenizerFast(
         tokenizer_object=tokenizer,
         pad_token="[PAD]",
-        bos_token="[BOS]",
+        # Training separates documents with [EOS], so a text starts after it: the start token that harnesses such
+        # as lm-evaluation-harness put before a text.
+        bos_token="[EOS]",
         eos_token="[EOS]",
         mask_token="[MASK]",
         cls_token="[CLS]",
