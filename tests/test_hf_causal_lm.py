@@ -2,6 +2,7 @@
 left-padded batches, and generation through the stepper `perceiver generate` runs (issue 18)."""
 
 import copy
+import json
 
 import pytest
 import torch
@@ -260,3 +261,60 @@ def test_gradient_checkpointing_enable_recomputes_the_layers(hf_model, monkeypat
     assert model.is_gradient_checkpointing
     model(ids, labels=ids).loss.backward()
     assert calls  # the cross-attention and every self-attention layer of each window
+
+
+# --- 6. the perceiver-io library's schedule -------------------------------------------------------------------------
+
+
+def library_rule_greedy(backend, prompt: list[int], steps: int, num_latents: int):
+    """Greedy decoding by the perceiver-io library's documented rule, one full pass per step: the window is the
+    last max_seq_len tokens and its latents the last min(num_latents + step, max_latents) of them."""
+    tokens, logits = list(prompt), []
+    for step in range(steps):
+        window = tokens[-backend.max_seq_len :]
+        latents = min(num_latents + step, backend.max_latents, len(window))
+        with torch.no_grad():
+            step_logits = backend(torch.tensor([window]), len(window) - latents)[0, -1]
+        logits.append(step_logits)
+        tokens.append(int(step_logits.argmax()))
+    return tokens[len(prompt) :], torch.stack(logits)
+
+
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_the_sliding_schedule_is_the_perceiver_io_rule(backend, hf_model, use_cache):
+    # 20 prompt tokens, 3 latents, 45 new tokens: the latents fill up (12), the prefix grows, the window slides.
+    prompt = ids_of(20, seed=16)
+    expected, expected_logits = library_rule_greedy(backend, prompt[0].tolist(), 45, num_latents=3)
+    settings = GenerationSettings(max_new_tokens=45, do_sample=False, stop_at_eos=False, num_latents=3,
+                                  use_cache=use_cache, schedule="sliding")
+    ours = torch.stack(list(generate_tokens(backend, prompt[0].tolist(), settings)))[:, 0].tolist()
+    assert ours == expected
+    with torch.no_grad():  # the export: the generation config's window_schedule, or generate()'s argument
+        out = hf_model.generate(prompt, max_new_tokens=45, min_new_tokens=45, do_sample=False, num_latents=3,
+                                use_cache=use_cache, window_schedule="sliding", return_dict_in_generate=True,
+                                output_logits=True)
+    assert out.sequences[0, 20:].tolist() == expected
+    torch.testing.assert_close(torch.stack(out.logits, dim=1)[0], expected_logits, atol=1e-5, rtol=0)
+    chunked = GenerationSettings(max_new_tokens=45, do_sample=False, stop_at_eos=False, num_latents=3)
+    assert torch.stack(list(generate_tokens(backend, prompt[0].tolist(), chunked)))[:, 0].tolist() != expected
+
+
+def test_the_export_names_its_schedule_in_the_generation_config(exported):
+    from transformers import GenerationConfig
+
+    assert GenerationConfig.from_pretrained(exported).window_schedule == "chunked"
+
+
+def test_perceiver_generate_takes_the_schedule(backend, tmp_path, capsys):
+    from cli_runner import assert_one_error, run_cli
+
+    write_checkpoint(tmp_path / "clm.ckpt", "clm", backend, CONFIG)
+    args = ["generate", "Hello there", "--model", str(tmp_path / "clm.ckpt"), "--greedy", "--max-new-tokens", "40"]
+    status, out, err = run_cli(capsys, *args, "--schedule", "sliding", "--json")
+    assert status == 0, err
+    ids = PerceiverTokenizer()("Hello there", add_special_tokens=False)["input_ids"]
+    settings = GenerationSettings(max_new_tokens=40, do_sample=False, schedule="sliding")
+    expected = torch.stack(list(generate_tokens(backend, ids, settings)))[:, 0].tolist()
+    assert json.loads(out)["generated_tokens"] == len(expected)
+    status, out, err = run_cli(capsys, *args, "--schedule", "fastest")
+    assert_one_error(status, err, "unknown schedule 'fastest'", out)

@@ -43,6 +43,14 @@ def evaluate(
     include_path: Annotated[
         str | None, typer.Option(help="With --tasks: a directory of task YAML files to add to the harness's.")
     ] = None,
+    schedule: Annotated[
+        str | None,
+        typer.Option(
+            help="Causal LM: score the text as generation sees it, token by token under this window schedule "
+            "(chunked or sliding; see `perceiver generate --schedule`), and report its speed.",
+        ),
+    ] = None,
+    no_cache: Annotated[bool, typer.Option("--no-cache", help="With --schedule: full passes, no cache.")] = False,
 ) -> None:
     """Evaluate a model: loss, perplexity and bits per byte (causal LM), or masked-token loss and accuracy; or
     lm-evaluation-harness tasks (--tasks)."""
@@ -57,6 +65,13 @@ def evaluate(
         return
     if include_path is not None:
         raise UserError("--include-path goes with --tasks")
+    if schedule is not None:
+        from perceiver_cli.models.clm_decoding import SCHEDULES
+
+        if schedule not in SCHEDULES:
+            raise UserError(f"unknown --schedule {schedule!r}: use {' or '.join(SCHEDULES)}")
+    elif no_cache:
+        raise UserError("--no-cache goes with --schedule")
     if split not in SPLITS:
         raise UserError(f"unknown split {split!r}: use validation or train")
     if limit is not None and limit < 1:
@@ -84,7 +99,7 @@ def evaluate(
 
     tokenizer = load_tokenizer(loaded.tokenizer, padding_side="left" if loaded.task == "clm" else "right")
     with _progress_bar() as progress:
-        metrics = _run(loaded, tokenizer, documents, split, batch_size, run_config, seed, progress)
+        metrics = _run(loaded, tokenizer, documents, split, batch_size, run_config, seed, progress, schedule, no_cache)
 
     result = {
         "task": loaded.task,
@@ -155,11 +170,15 @@ def data_source(
     return data
 
 
-def _run(loaded, tokenizer, documents, split, batch_size, run_config, seed, progress) -> dict:
-    from perceiver_cli.evaluation import clm_token_stream, evaluate_clm, evaluate_mlm
+def _run(loaded, tokenizer, documents, split, batch_size, run_config, seed, progress, schedule, no_cache) -> dict:
+    from perceiver_cli.evaluation import clm_token_stream, evaluate_clm, evaluate_clm_generation, evaluate_mlm
 
+    if schedule is not None and loaded.task != "clm":
+        raise UserError("--schedule is for causal LMs: a masked LM does not generate")
     if loaded.task == "clm":
         stream, num_bytes = clm_token_stream(tokenizer, documents["text"])
+        if schedule is not None:
+            return evaluate_clm_generation(loaded.model, stream, schedule, not no_cache, batch_size, progress)
         pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         return evaluate_clm(loaded.model, stream, num_bytes, batch_size, pad_token_id, progress)
 
