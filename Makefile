@@ -16,7 +16,7 @@ $(BIN)/python:
 # changes.
 $(STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/pip install torch==2.13.0
-	$(BIN)/pip install -e '.[dev]'
+	$(BIN)/pip install -e '.[dev,eval]'
 	touch $@
 
 test: venv

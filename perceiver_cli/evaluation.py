@@ -111,6 +111,48 @@ def evaluate_clm(
     }
 
 
+def evaluate_clm_generation(
+    model, stream: list[int], schedule: str, use_cache: bool = True, batch_size: int = 8, progress: Progress | None = None
+) -> dict:
+    """Loss and bits per token of `stream` scored as generation sees it: the stream is cut into `batch_size`
+    segments, and each is fed token by token to the generation stepper under window `schedule` (teacher forcing),
+    every token scored by the logits the step before it returned. So it measures the context a schedule gives
+    generated tokens, and the speed of its steps. With the "utf8" tokenizer a token is a byte."""
+    import time
+
+    from perceiver_cli.models.clm_decoding import WindowStepper
+
+    length = (len(stream) - 1) // batch_size  # tokens scored per segment
+    if length < 1:
+        raise UserError("there is not enough text to evaluate: give more documents or a smaller --batch-size")
+    device = next(model.parameters()).device
+    # Segment i is tokens i * length .. (i + 1) * length: its first token is the prompt, the rest are scored.
+    segments = torch.tensor(stream[: batch_size * length + 1], device=device).unfold(0, length + 1, length)
+    stepper = WindowStepper(model, schedule, use_cache)
+    model.eval()
+    total_nll = 0.0
+    start = time.perf_counter()
+    with torch.inference_mode():
+        logits = stepper.start(segments[:, :1])
+        for i in range(1, length + 1):
+            total_nll += F.cross_entropy(logits.float(), segments[:, i], reduction="sum").item()
+            if i < length:
+                logits = stepper.step(segments[:, i])
+            if progress is not None and i % 100 == 0:
+                progress(i, length)
+    seconds = time.perf_counter() - start
+    num_scored = batch_size * length
+    loss = total_nll / num_scored
+    return {
+        "loss": loss,
+        "bits_per_token": loss / math.log(2),
+        "tokens": num_scored,
+        "schedule": schedule,
+        "use_cache": use_cache,
+        "tokens_per_second": num_scored / seconds,
+    }
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Masked LM
 # ---------------------------------------------------------------------------------------------------------------

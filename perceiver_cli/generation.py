@@ -3,17 +3,10 @@ and incremental decoding of generated tokens into text.
 
 `perceiver generate` and training's validation samples both call `generate`; nothing here knows the command line.
 
-The generation protocol. The model sees a window of at most `max_seq_len` tokens; its last tokens are the latents
-(the positions it predicts from), the earlier ones the prefix. The prompt's last `num_latents` tokens start as
-latents; each new token is one more latent, until the latents (`max_latents`) or the window (`max_seq_len`) are full.
-Then half of the latents join the prefix at once and, when the prefix is full, its oldest tokens leave the window
-(see `perceiver_cli.models.clm.next_window`).
-
-The key/value cache makes each new token cost one latent's computation instead of a forward pass over the window,
-and it is exact: while latents are added, the cached keys and values are what a full pass computes; when latents
-join the prefix or tokens leave, one pass rebuilds the cache: over the latents and the tokens that joined the prefix
-when the window grew in place (the older prefix keeps its keys and values), over the whole window when it slid.
-`use_cache=False` runs the full pass at every step over the same windows, and so produces the same tokens.
+The generation protocol is `perceiver_cli.models.clm_decoding.WindowStepper`'s, the stepper the Hugging Face export's
+`generate()` runs too: the model sees a window of at most `max_seq_len` tokens, its last tokens the latents (the
+positions it predicts from); the window schedule (`--schedule`) says how the window moves as tokens are added, and
+the key/value cache makes most steps cost one latent's computation, exactly (`use_cache=False` gives the same tokens).
 
 Shapes: B sequences, n window length, V vocabulary.
 """
@@ -21,21 +14,14 @@ Shapes: B sequences, n window length, V vocabulary.
 from __future__ import annotations
 
 import codecs
-import contextlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
 
 from perceiver_cli.errors import UserError
-from perceiver_cli.models.clm import (
-    CausalLanguageModel,
-    CausalLanguageModelConfig,
-    Window,
-    first_window,
-    next_window,
-    reusable_prefix,
-)
+from perceiver_cli.models.clm import CausalLanguageModel, CausalLanguageModelConfig, first_window
+from perceiver_cli.models.clm_decoding import DEFAULT_SCHEDULE, SCHEDULES, WindowStepper
 
 # ---------------------------------------------------------------------------------------------------------------
 # Settings
@@ -58,6 +44,7 @@ class GenerationSettings:
     stop_at_eos: bool = True  # the end-of-text token ends a sequence (training puts it between documents)
     num_latents: int | None = None  # initial latents; None: min(prompt length, max_latents)
     use_cache: bool = True
+    schedule: str = DEFAULT_SCHEDULE  # the window schedule (see perceiver_cli.models.clm_decoding.SCHEDULES)
 
     def validate(self, max_latents: int | None = None) -> None:
         """Raise a UserError naming the first setting out of range; num_latents is also checked against the model's
@@ -74,6 +61,7 @@ class GenerationSettings:
             "greedy decoding would return identical sequences: use sampling for num-return-sequences > 1",
         )
         _require(all(self.stop), "stop strings must not be empty")
+        _require(self.schedule in SCHEDULES, f"unknown schedule {self.schedule!r}: use {' or '.join(SCHEDULES)}")
         if self.num_latents is not None:
             _require(self.num_latents >= 1, f"num-latents must be at least 1, got {self.num_latents}")
             _require(
@@ -130,87 +118,6 @@ def choose_tokens(logits: torch.Tensor, do_sample: bool, generator: torch.Genera
     return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator)[:, 0]
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# The generation protocol and its key/value cache
-# ---------------------------------------------------------------------------------------------------------------
-
-
-class PerceiverARDecoder:
-    """Feeds a growing sequence to a `CausalLanguageModel` token by token and returns next-token logits.
-
-    `tokens` (B, n) is the window the model sees and `window` its length and latents. `start()` runs the prompt
-    (computed once and copied to the B sequences), `step(tokens)` appends one token per sequence.
-    """
-
-    def __init__(
-        self, model: CausalLanguageModel, prompt: torch.Tensor, num_latents: int, batch_size: int, use_cache: bool
-    ):
-        n = prompt.shape[-1]
-        if not 1 <= n <= model.max_seq_len:
-            raise ValueError(f"prompt length {n} must be between 1 and max_seq_len ({model.max_seq_len})")
-        if not 1 <= num_latents <= min(n, model.max_latents) or n - num_latents > model.max_prefix_len:
-            raise ValueError(f"{num_latents} latents do not fit a prompt of {n} tokens; see first_window")
-        self.model = model
-        self.tokens = prompt.reshape(1, n)
-        self.window = Window(n, num_latents)
-        self.batch_size = batch_size
-        self.use_cache = use_cache
-        self.cache = model.empty_cache() if use_cache else None
-        weight = next(model.parameters())
-        self.native_kernels = weight.device.type == "cpu" and weight.dtype == torch.float32
-
-    @property
-    def prefix_len(self) -> int:
-        return self.window.prefix_len
-
-    @contextlib.contextmanager
-    def _inference(self):
-        """Inference mode and, for fp32 on the CPU, ATen's own kernels instead of oneDNN's: oneDNN sets up every call
-        (about 12 us for the GELU of one token), which made a cached step 12% slower; bf16 keeps oneDNN, whose
-        matrix products use AMX. The flag is global, so it is restored after every call."""
-        enabled = torch.backends.mkldnn.enabled
-        try:
-            torch.backends.mkldnn.enabled = enabled and not self.native_kernels
-            with torch.inference_mode():
-                yield
-        finally:
-            torch.backends.mkldnn.enabled = enabled
-
-    def start(self) -> torch.Tensor:
-        """Logits (B, V) of the token after the prompt."""
-        with self._inference():
-            return self._start()
-
-    def _start(self) -> torch.Tensor:
-        logits = self.model(self.tokens, self.prefix_len, cache=self.cache)[:, -1]  # (1, V)
-        if self.batch_size == 1:
-            return logits
-        # Every sequence starts from the same prompt: compute it once, then copy tokens and cache.
-        copies = torch.zeros(self.batch_size, dtype=torch.long, device=self.tokens.device)
-        self.tokens = self.tokens[copies]
-        if self.cache is not None:
-            for kv_cache in [self.cache.cross_attention, *self.cache.self_attention]:
-                kv_cache.select(copies)
-        return logits[copies]
-
-    def step(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Append `tokens` (B,) to the window and return the logits (B, V) of the token after them."""
-        with self._inference():
-            return self._step(tokens)
-
-    def _step(self, tokens: torch.Tensor) -> torch.Tensor:
-        old_window = self.window
-        self.window, fresh = next_window(old_window, self.model.config)
-        self.tokens = torch.cat([self.tokens, tokens[:, None]], dim=1)[:, -self.window.length :]
-        if not self.use_cache:
-            return self.model(self.tokens, self.prefix_len)[:, -1]
-        if fresh:  # latents joined the prefix or tokens left the window: rebuild what the cache cannot keep
-            kept = reusable_prefix(old_window, self.window)
-            self.cache.keep_prefix(kept)
-            return self.model(self.tokens[:, kept:], self.prefix_len - kept, cache=self.cache)[:, -1]
-        return self.model.step(tokens, self.cache)
-
-
 def generate_tokens(
     model: CausalLanguageModel, prompt_ids: list[int], settings: GenerationSettings
 ) -> Iterator[torch.Tensor]:
@@ -221,9 +128,8 @@ def generate_tokens(
         raise UserError("the prompt is empty: give the model at least one token to continue")
     device = next(model.parameters()).device
     prompt = torch.tensor(prompt_ids[-model.max_seq_len :], dtype=torch.long, device=device)
-    num_latents = initial_num_latents(len(prompt_ids), model.config, settings.num_latents)
     batch_size = settings.num_return_sequences
-    decoder = PerceiverARDecoder(model, prompt, num_latents, batch_size, settings.use_cache)
+    stepper = WindowStepper(model, settings.schedule, settings.use_cache)
 
     generator = torch.Generator(device)
     if settings.seed is None:
@@ -234,14 +140,19 @@ def generate_tokens(
     seen = torch.zeros(batch_size, model.config.vocab_size, dtype=torch.bool, device=device)
     seen[:, prompt] = True
 
-    logits = decoder.start()
+    with torch.inference_mode():
+        logits = stepper.start(prompt[None], num_latents=settings.num_latents)
+        # Every sequence starts from the same prompt: computed once, then tokens and cache are copied.
+        stepper.repeat_interleave(batch_size)
+    logits = logits.expand(batch_size, -1)
     for step in range(settings.max_new_tokens):
         tokens = choose_tokens(process_logits(logits, seen, settings), settings.do_sample, generator)
         if settings.repetition_penalty != 1.0:
             seen[torch.arange(batch_size, device=device), tokens] = True
         yield tokens
         if step + 1 < settings.max_new_tokens:
-            logits = decoder.step(tokens)
+            with torch.inference_mode():
+                logits = stepper.step(tokens)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -99,8 +99,8 @@ def test_export_loads_with_auto_model_and_computes_the_backend_logits(backend, e
     assert all(torch.equal(theirs[f"model.{k}"], v) for k, v in ours.items())
     ids = torch.randint(6, 262, (2, 30))
     with torch.no_grad():
-        assert torch.equal(model.eval()(ids, prefix_len=20).logits, backend(ids, 20))
-    assert (model.generation_config.bos_token_id, model.generation_config.eos_token_id) == (1, 2)
+        assert torch.equal(model.eval()(ids, num_latents=10).logits, backend(ids, 20))
+    assert (model.generation_config.bos_token_id, model.generation_config.eos_token_id) == (2, 2)
     assert model.generation_config.pad_token_id == 0
     assert AutoTokenizer.from_pretrained(exported).padding_side == "left"
 
@@ -128,7 +128,8 @@ def test_generate_follows_the_protocol_past_the_window(backend, hf_model, use_ca
 
 def test_cache_equals_a_fresh_pass_after_latents_join_the_prefix_and_tokens_leave():
     # After latents joined the prefix and the window filled up, the whole cache (absolute position embeddings and
-    # all) equals a fresh forward pass over the final window. Row 1 is left-padded.
+    # all) equals a fresh forward pass over the final window. Row 1 is left-padded: it runs in a group of its own,
+    # unpadded, with its own window.
     config = CONFIG
     model = PerceiverARForCausalLM(PerceiverARCausalLMConfig.from_backend_config(config)).eval()
     model.model.load_state_dict(random_clm(config).state_dict())
@@ -140,20 +141,21 @@ def test_cache_equals_a_fresh_pass_after_latents_join_the_prefix_and_tokens_leav
             prompt, attention_mask=mask, max_new_tokens=15, min_new_tokens=15, do_sample=False,
             return_dict_in_generate=True, num_latents=4,
         )
-    cache = output.cache
-    window = len(cache)  # the last forward pass saw the window of all tokens but the last generated one
-    ids = output.sequences[:, -window - 1 : -1]
-    window_mask = torch.cat([mask, torch.ones(2, 15, dtype=torch.long)], dim=1)[:, -window - 1 : -1]
-    assert output.sequences.shape[1] - 1 > window  # latents joined the prefix and tokens left the window
-    fresh = model.model.empty_cache()
-    with torch.no_grad():
-        model.model(ids, window - cache.num_latents, pad_mask=window_mask == 0, cache=fresh)
-    for layer, (cached, recomputed) in enumerate(
-        zip([cache.cross_attention, *cache.self_attention], [fresh.cross_attention, *fresh.self_attention])
-    ):
-        real = window_mask.bool()[:, None, -cached.k.shape[2] :, None]  # padding keys are masked out anyway
-        torch.testing.assert_close(cached.k * real, recomputed.k * real, atol=1e-5, rtol=0, msg=f"layer {layer}")
-        torch.testing.assert_close(cached.v * real, recomputed.v * real, atol=1e-5, rtol=0, msg=f"layer {layer}")
+    groups = output.cache.stepper.groups
+    assert sorted(g.rows.tolist() for g in groups) == [[0], [1]]
+    for group in groups:
+        cache, row = group.cache, group.rows.item()
+        window = len(cache)  # the last forward pass saw the window of all tokens but the last generated one
+        ids = output.sequences[row : row + 1, -window - 1 : -1]
+        assert output.sequences.shape[1] - 1 - mask[row].eq(0).sum() > window  # the window slid
+        fresh = model.model.empty_cache()
+        with torch.no_grad():
+            model.model(ids, window - cache.num_latents, cache=fresh)
+        for layer, (cached, recomputed) in enumerate(
+            zip([cache.cross_attention, *cache.self_attention], [fresh.cross_attention, *fresh.self_attention])
+        ):
+            torch.testing.assert_close(cached.k, recomputed.k, atol=1e-5, rtol=0, msg=f"layer {layer}")
+            torch.testing.assert_close(cached.v, recomputed.v, atol=1e-5, rtol=0, msg=f"layer {layer}")
 
 
 def test_left_padded_batch_generates_what_each_prompt_generates_alone(hf_model):
@@ -184,7 +186,7 @@ def test_beam_search_with_and_without_cache_agrees(hf_model):
 def test_labels_give_the_next_token_loss_of_the_latents(backend, hf_model):
     ids = torch.randint(6, 262, (2, 20))
     with torch.no_grad():
-        loss = hf_model(ids, prefix_len=10, labels=ids).loss
+        loss = hf_model(ids, num_latents=10, labels=ids).loss
         logits = backend(ids, 10)
     torch.testing.assert_close(loss, F.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 11:].flatten()))
 

@@ -12,7 +12,6 @@ import torch
 from perceiver_cli.data.tokenizer import load_tokenizer
 from perceiver_cli.generation import (
     GenerationSettings,
-    PerceiverARDecoder,
     SequenceText,
     generate,
     generate_tokens,
@@ -20,6 +19,7 @@ from perceiver_cli.generation import (
     process_logits,
 )
 from perceiver_cli.models.clm import CausalLanguageModel, Window
+from perceiver_cli.models.clm_decoding import WindowStepper
 from perceiver_cli.models.mlm import MaskedLanguageModel
 from tiny_models import tiny_clm_config, tiny_mlm_config
 from cli_runner import assert_one_error, run_cli, write_run
@@ -30,6 +30,40 @@ def clm(**overrides) -> CausalLanguageModel:
     torch.manual_seed(0)
     values = dict(cross_attention_dropout=0.0, init_scale=0.2) | overrides
     return CausalLanguageModel(tiny_clm_config(**values)).eval()
+
+
+class PerceiverARDecoder:
+    """The stepper on copies of one prompt, with what these tests inspect: the window, its tokens, the cache."""
+
+    def __init__(self, model, prompt, num_latents, batch_size, use_cache):
+        self.stepper = WindowStepper(model, use_cache=use_cache)
+        self.prompt, self.num_latents, self.batch_size = prompt, num_latents, batch_size
+
+    def start(self):
+        with torch.inference_mode():
+            logits = self.stepper.start(self.prompt[None], num_latents=self.num_latents)
+            self.stepper.repeat_interleave(self.batch_size)
+        return logits.expand(self.batch_size, -1)
+
+    def step(self, tokens):
+        with torch.inference_mode():
+            return self.stepper.step(tokens)
+
+    @property
+    def window(self):
+        return self.stepper.groups[0].window
+
+    @property
+    def prefix_len(self):
+        return self.window.prefix_len
+
+    @property
+    def tokens(self):
+        return self.stepper.groups[0].tokens[:, -self.window.length :]
+
+    @property
+    def cache(self):
+        return self.stepper.groups[0].cache
 
 
 def prompt_of(n: int) -> list[int]:

@@ -32,14 +32,46 @@ def evaluate(
     batch_size: Annotated[int | None, typer.Option(help="Sequences per batch (default: the run's).")] = None,
     json_output: Annotated[bool, typer.Option("--json", help="Print the results as one JSON object.")] = False,
     device: Annotated[str, typer.Option(help="cpu, cuda, cuda:N or mps.")] = "cpu",
+    tasks: Annotated[
+        str | None,
+        typer.Option(
+            metavar="NAME[,NAME]",
+            help="Run lm-evaluation-harness tasks instead (causal LMs; needs the 'eval' extra). --limit: documents "
+            "per task.",
+        ),
+    ] = None,
+    include_path: Annotated[
+        str | None, typer.Option(help="With --tasks: a directory of task YAML files to add to the harness's.")
+    ] = None,
+    schedule: Annotated[
+        str | None,
+        typer.Option(
+            help="Causal LM: score the text as generation sees it, token by token under this window schedule "
+            "(chunked or sliding; see `perceiver generate --schedule`), and report its speed.",
+        ),
+    ] = None,
+    no_cache: Annotated[bool, typer.Option("--no-cache", help="With --schedule: full passes, no cache.")] = False,
 ) -> None:
-    """Evaluate a model: loss, perplexity and bits per byte (causal LM), or masked-token loss and accuracy."""
+    """Evaluate a model: loss, perplexity and bits per byte (causal LM), or masked-token loss and accuracy; or
+    lm-evaluation-harness tasks (--tasks)."""
     import json
 
     from perceiver_cli.data.sources import load_text_splits
     from perceiver_cli.data.tokenizer import load_tokenizer
     from perceiver_cli.model_choice import choose_model, resolve_device
 
+    if tasks is not None:
+        _run_harness(model, tasks, include_path, limit, batch_size, json_output, device, source or path or name)
+        return
+    if include_path is not None:
+        raise UserError("--include-path goes with --tasks")
+    if schedule is not None:
+        from perceiver_cli.models.clm_decoding import SCHEDULES
+
+        if schedule not in SCHEDULES:
+            raise UserError(f"unknown --schedule {schedule!r}: use {' or '.join(SCHEDULES)}")
+    elif no_cache:
+        raise UserError("--no-cache goes with --schedule")
     if split not in SPLITS:
         raise UserError(f"unknown split {split!r}: use validation or train")
     if limit is not None and limit < 1:
@@ -67,7 +99,7 @@ def evaluate(
 
     tokenizer = load_tokenizer(loaded.tokenizer, padding_side="left" if loaded.task == "clm" else "right")
     with _progress_bar() as progress:
-        metrics = _run(loaded, tokenizer, documents, split, batch_size, run_config, seed, progress)
+        metrics = _run(loaded, tokenizer, documents, split, batch_size, run_config, seed, progress, schedule, no_cache)
 
     result = {
         "task": loaded.task,
@@ -81,6 +113,38 @@ def evaluate(
         print(json.dumps(result, ensure_ascii=False))
     else:
         _print_table(result)
+
+
+def _run_harness(model, tasks, include_path, limit, batch_size, json_output, device, data_option) -> None:
+    import json
+
+    from perceiver_cli.harness import run_tasks
+    from perceiver_cli.model_choice import choose_model, resolve_device
+
+    names = [name.strip() for name in tasks.split(",") if name.strip()]
+    if not names:
+        raise UserError("--tasks needs at least one task name, e.g. --tasks lambada_openai")
+    if data_option:
+        raise UserError("--tasks evaluates on the tasks' own data: --source, --path and --name do not apply")
+    if limit is not None and limit < 1:
+        raise UserError(f"--limit must be at least 1 document, got {limit}")
+    if batch_size is not None and batch_size < 1:
+        raise UserError(f"--batch-size must be at least 1, got {batch_size}")
+    device = resolve_device(device)
+    loaded, results = run_tasks(lambda: choose_model(model, None, device=device), names, include_path, limit,
+                                batch_size or 1)
+    if json_output:
+        print(json.dumps({"model": str(loaded.source), "tasks": results}, ensure_ascii=False))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table("task", "metric", "value", box=None, pad_edge=False, title=str(loaded.source))
+    for task, metrics in results.items():
+        for metric, value in metrics.items():
+            shown = f"{value:,}" if isinstance(value, int) else f"{value:.4f}"
+            table.add_row(task, metric.replace(",none", ""), shown)
+    Console(soft_wrap=True).print(table)
 
 
 def data_source(
@@ -106,11 +170,15 @@ def data_source(
     return data
 
 
-def _run(loaded, tokenizer, documents, split, batch_size, run_config, seed, progress) -> dict:
-    from perceiver_cli.evaluation import clm_token_stream, evaluate_clm, evaluate_mlm
+def _run(loaded, tokenizer, documents, split, batch_size, run_config, seed, progress, schedule, no_cache) -> dict:
+    from perceiver_cli.evaluation import clm_token_stream, evaluate_clm, evaluate_clm_generation, evaluate_mlm
 
+    if schedule is not None and loaded.task != "clm":
+        raise UserError("--schedule is for causal LMs: a masked LM does not generate")
     if loaded.task == "clm":
         stream, num_bytes = clm_token_stream(tokenizer, documents["text"])
+        if schedule is not None:
+            return evaluate_clm_generation(loaded.model, stream, schedule, not no_cache, batch_size, progress)
         pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         return evaluate_clm(loaded.model, stream, num_bytes, batch_size, pad_token_id, progress)
 

@@ -47,6 +47,14 @@ def generate(
     no_cache: Annotated[
         bool, typer.Option("--no-cache", help="Run a full forward pass per token instead of using the cache.")
     ] = False,
+    schedule: Annotated[
+        str | None,
+        typer.Option(
+            help="How the window moves: chunked (latents grow to max_latents, then half of them join the prefix) "
+            "or sliding (the perceiver-io library's rule: every step the last max_seq_len tokens, the latents "
+            "their last max_latents). Default: chunked.",
+        ),
+    ] = None,
     json_output: Annotated[bool, typer.Option("--json", help="Print one JSON object per sequence.")] = False,
     device: Annotated[str, typer.Option(help="cpu, cuda, cuda:N or mps.")] = "cpu",
 ) -> None:
@@ -70,6 +78,7 @@ def generate(
         stop=tuple(stop or ()),
         num_latents=num_latents,
         use_cache=not no_cache,
+        **({"schedule": schedule} if schedule is not None else {}),
     )
     settings.validate()  # before loading the model: bad options fail fast
     text = read_prompt(prompt, file)

@@ -61,3 +61,67 @@ def _load_local(spec: str):
             "use 'utf8' or a path to a local Hugging Face tokenizer directory (one written by save_pretrained)"
         ) from e
 
+
+
+# The key a tokenizer_config.json written by `causal_lm_tokenizer` carries, so that importing the directory again
+# gives back the "utf8" tokenizer.
+BYTE_TOKENIZER_MARK = "perceiver_tokenizer"
+
+
+def causal_lm_tokenizer(spec: str, model_max_length: int):
+    """The tokenizer of `spec` as an exported causal LM needs it: it adds no special tokens (a prompt goes to the
+    model as the text's tokens, as in training; PerceiverTokenizer would wrap it in [CLS] ... [SEP]), pads on the
+    left, and its `model_max_length` is the model's window.
+
+    "utf8" becomes a `tokenizers` byte-level tokenizer with the same ids (special tokens 0-5, byte b -> b + 6),
+    which stock transformers loads without remote code; its start-of-text token is [EOS], the document separator
+    of training. A fast tokenizer of a directory loses its post-processor,
+    the part that adds special tokens."""
+    if spec.strip().lower() in _UTF8_ALIASES:
+        tokenizer = _byte_level_tokenizer()
+        tokenizer.init_kwargs[BYTE_TOKENIZER_MARK] = UTF8
+    else:
+        tokenizer = _load_local(spec)
+        if getattr(tokenizer, "_tokenizer", None) is not None:
+            tokenizer._tokenizer.post_processor = None
+        elif tokenizer("a")["input_ids"] != tokenizer("a", add_special_tokens=False)["input_ids"]:
+            raise UserError(
+                f"tokenizer {spec!r} adds special tokens to every text and is not a fast tokenizer, so the exported "
+                "causal LM would see them in every prompt",
+                hint="save a fast tokenizer (tokenizer.json) in the tokenizer directory",
+            )
+    tokenizer.padding_side = "left"
+    tokenizer.init_kwargs["padding_side"] = "left"
+    tokenizer.model_max_length = model_max_length
+    return tokenizer
+
+
+def _byte_level_tokenizer():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    special = ["[PAD]", "[BOS]", "[EOS]", "[MASK]", "[CLS]", "[SEP]"]  # PerceiverTokenizer's ids 0-5
+    vocab = {token: i for i, token in enumerate(special)}
+    vocab |= {char: byte + len(special) for byte, char in _byte_characters().items()}
+    # A BPE without merges over the byte-level alphabet: every byte is one token.
+    tokenizer = Tokenizer(models.BPE(vocab, []))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        pad_token="[PAD]",
+        # Training separates documents with [EOS], so a text starts after it: the start token that harnesses such
+        # as lm-evaluation-harness put before a text.
+        bos_token="[EOS]",
+        eos_token="[EOS]",
+        mask_token="[MASK]",
+        cls_token="[CLS]",
+        sep_token="[SEP]",
+    )
+
+
+def _byte_characters() -> dict[int, str]:
+    """The byte-level alphabet of `tokenizers`' ByteLevel pre-tokenizer (GPT-2's): byte -> printable character."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    others = [b for b in range(256) if b not in printable]
+    return {b: chr(b) for b in printable} | {b: chr(256 + i) for i, b in enumerate(others)}

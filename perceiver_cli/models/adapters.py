@@ -8,7 +8,8 @@ from torch import nn
 
 
 class TokenInputAdapter(nn.Module):
-    """Token embedding plus (optionally) a learned absolute position embedding: (B, N) ids -> (B, N, C)."""
+    """Token embedding plus (optionally) a learned absolute position embedding: (B, N) ids -> (B, N, C). Token
+    embeddings computed elsewhere, (B, N, C) floats (Hugging Face's `inputs_embeds`), get the positions only."""
 
     def __init__(self, vocab_size: int, max_seq_len: int, num_channels: int, abs_pos_emb: bool = True):
         super().__init__()
@@ -21,7 +22,7 @@ class TokenInputAdapter(nn.Module):
         n = x.shape[1]
         if start + n > self.max_seq_len:
             raise ValueError(f"input length {start + n} exceeds the model's max_seq_len {self.max_seq_len}")
-        emb = self.txt_embedding(x)
+        emb = x if x.is_floating_point() else self.txt_embedding(x)
         if self.pos_embedding is None:
             return emb
         if positions is None:

@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from perceiver_cli.data.tokenizer import BYTE_TOKENIZER_MARK
 from perceiver_cli.errors import UserError, first_line
 
 CONFIG_FILE = "config.json"
@@ -81,10 +82,11 @@ def tokenizer_spec(directory: Path) -> str | None:
     config_path = directory / TOKENIZER_FILES[0]
     if config_path.is_file():
         try:
-            tokenizer_class = json.loads(config_path.read_text(encoding="utf-8")).get("tokenizer_class")
+            config = json.loads(config_path.read_text(encoding="utf-8"))
+            tokenizer_class, mark = config.get("tokenizer_class"), config.get(BYTE_TOKENIZER_MARK)
         except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError) as err:
             raise UserError(f"cannot read {config_path}: {first_line(err)}") from None
-        if tokenizer_class == "PerceiverTokenizer":
+        if tokenizer_class == "PerceiverTokenizer" or mark == "utf8":
             return "utf8"
     if any((directory / name).is_file() for name in TOKENIZER_FILES):
         return str(directory.resolve())
@@ -113,6 +115,15 @@ def save_tokenizer(spec: str, directory: Path, padding_side: str, model_max_leng
     tokenizer.init_kwargs["padding_side"] = padding_side
     if model_max_length is not None:
         tokenizer.model_max_length = model_max_length
+    tokenizer.save_pretrained(str(directory))
+    return tokenizer
+
+
+def save_causal_lm_tokenizer(spec: str, directory: Path, model_max_length: int):
+    """Write the tokenizer of an exported causal LM (see `causal_lm_tokenizer`) into `directory`; return it."""
+    from perceiver_cli.data.tokenizer import causal_lm_tokenizer
+
+    tokenizer = causal_lm_tokenizer(spec, model_max_length)
     tokenizer.save_pretrained(str(directory))
     return tokenizer
 

@@ -1,16 +1,15 @@
-"""Hugging Face classes for the Perceiver AR causal LM (transformers has none): a config and a `PreTrainedModel`
-that `AutoModelForCausalLM` loads and whose `generate()` follows the Perceiver AR generation protocol.
+"""Hugging Face classes for the Perceiver AR causal LM (transformers has none): a config, a `Cache` and a
+`PreTrainedModel` that `AutoModelForCausalLM` loads and that behaves as transformers' causal LMs do.
 
-The protocol is `perceiver generate`'s (see `perceiver_cli.models.clm.next_window`): the model sees a window of at
-most `max_seq_len` tokens; the last `num_latents` are latents, the earlier ones the prefix. The prompt starts with
-`num_latents` latents (a `generate()` argument; default: as many as fit). Each generated token adds a latent until
-the latents or the window are full; then half of the latents join the prefix at once and, when the prefix is full,
-its oldest tokens leave the window. `generate()` carries the window from step to step in its model kwargs
-(`_update_model_kwargs_for_generation`).
+`forward(input_ids)` returns one row of logits per input position (`sequence_logits`: each position scored at a
+latent of its own window, ceil(N / max_latents) windows batched); `logits_to_keep=k` computes the last k only, and
+`num_latents=k` runs the single window whose last k positions are latents (the model's raw forward pass).
+`labels` give the usual shifted next-token loss.
 
-With `use_cache=False` every step is a full forward pass over the window. With the cache (the default) a step
-computes one latent, and whenever latents join the prefix or tokens leave, one pass rebuilds what the cache cannot
-keep (see `perceiver_cli.models.clm.reusable_prefix`): both give the same logits.
+Generation runs `WindowStepper` (`perceiver_cli.models.clm_decoding`), the stepper `perceiver generate` runs: with
+the cache it lives in a `PerceiverARGenerationCache`, without it in the model kwargs (`decoding_state`), so both
+follow the same windows and give the same logits. The window schedule is the generation config's
+`window_schedule` ("chunked" or "sliding"), the first window's latents the `num_latents` argument of `generate()`.
 
 This module imports only the backend and transformers: `remote_code.py` concatenates it with the backend modules
 into the self-contained modeling file of `perceiver convert --to hf --remote-code`. It registers nothing; see
@@ -26,24 +25,74 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import GenerationMixin, PreTrainedConfig, PreTrainedModel
 from transformers import initialization as init
+from transformers.cache_utils import Cache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from perceiver_cli.models.clm import (
-    CausalLanguageModel,
-    CausalLanguageModelConfig,
-    Window,
-    first_window,
-    next_window,
-    reusable_prefix,
-)
-from perceiver_cli.models.perceiver_ar import PerceiverARCache
+from perceiver_cli.models.clm import CausalLanguageModel, CausalLanguageModelConfig
+from perceiver_cli.models.clm_decoding import DEFAULT_SCHEDULE, WindowStepper, sequence_outputs
 
 
 @dataclass
 class PerceiverARCausalLMOutput(CausalLMOutputWithPast):
-    """Adds the window the step saw, which `generate()` carries to the next step."""
+    """Adds the generation state of `generate(use_cache=False)`, which carries the windows from step to step."""
 
-    window: Window | None = None
+    decoding_state: WindowStepper | None = None
+
+
+class PerceiverARGenerationCache(Cache):
+    """The generation state as a transformers `Cache`: a `WindowStepper` with its key/value caches, the tokens of
+    each row's window and the windows themselves (Perceiver AR rebuilds its cache from those tokens when latents
+    join the prefix, so the cache must hold them). Beam search, copies and cropping (assisted decoding) work on it."""
+
+    def __init__(self, stepper: WindowStepper):
+        super().__init__(layers=[])
+        self.stepper = stepper
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.stepper.seq_len
+
+    def get_max_length(self, layer_idx: int | None = None) -> int:
+        return -1  # the window slides: no maximum
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self.stepper.select(beam_idx)
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self.stepper.select(indices)
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self.stepper.repeat_interleave(repeats)
+
+    def crop(self, tokens_to_remove: int) -> None:
+        if tokens_to_remove > 0:
+            raise ValueError("crop takes minus the number of tokens to remove")
+        self.stepper.crop(-tokens_to_remove)
+
+    def reset(self) -> None:
+        self.stepper.reset()
+
+    def activate_past_recording(self) -> None:
+        pass  # the stepper keeps its windows' history anyway
+
+    @property
+    def is_compileable(self) -> bool:
+        return False
+
+    @property
+    def is_initialized(self) -> bool:
+        return self.stepper.started
+
+    @property
+    def is_croppable(self) -> bool:
+        return True
+
+    @property
+    def batch_size(self) -> int:
+        return self.stepper.batch_size if self.stepper.started else -1
+
+    @property
+    def is_sliding(self) -> list[bool]:
+        return []
 
 
 class PerceiverARCausalLMConfig(PreTrainedConfig):
@@ -76,6 +125,7 @@ class PerceiverARCausalLMConfig(PreTrainedConfig):
     output_bias: bool = True
     abs_pos_emb: bool = True
     init_scale: float = 0.02
+    use_cache: bool = True  # generate() with the key/value cache by default (transformers' field; not the backend's)
 
     @classmethod
     def from_backend_config(cls, config: CausalLanguageModelConfig, **kwargs) -> "PerceiverARCausalLMConfig":
@@ -86,10 +136,7 @@ class PerceiverARCausalLMConfig(PreTrainedConfig):
 
 
 class PerceiverARForCausalLM(PreTrainedModel, GenerationMixin):
-    """`self.model` is the backend `CausalLanguageModel`, so the weights are its parameters prefixed by `model.`.
-
-    `forward` returns the logits of the latent positions only, (B, N - prefix_len, V), not of every position.
-    """
+    """`self.model` is the backend `CausalLanguageModel`, so the weights are its parameters prefixed by `model.`."""
 
     config_class = PerceiverARCausalLMConfig
     base_model_prefix = "model"
@@ -97,6 +144,7 @@ class PerceiverARForCausalLM(PreTrainedModel, GenerationMixin):
     def __init__(self, config: PerceiverARCausalLMConfig):
         super().__init__(config)
         self.model = CausalLanguageModel(config.backend_config())
+        self.gradient_checkpointing = config.activation_checkpointing  # transformers' flag; the backend's does it
         self.post_init()
 
     def _init_weights(self, module: nn.Module) -> None:
@@ -110,87 +158,191 @@ class PerceiverARForCausalLM(PreTrainedModel, GenerationMixin):
         if isinstance(module, CausalLanguageModel) and module.output_bias is not None:
             init.zeros_(module.output_bias)
 
-    @classmethod
-    def _supports_default_dynamic_cache(cls) -> bool:
-        # generate() must not make a DynamicCache: prepare_inputs_for_generation makes a PerceiverARCache.
-        return False
+    # -----------------------------------------------------------------------------------------------------------
+    # The standard model API
+    # -----------------------------------------------------------------------------------------------------------
+
+    supports_gradient_checkpointing = True
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.model.input_adapter.txt_embedding
+
+    def set_input_embeddings(self, embedding: nn.Embedding) -> None:
+        """Replace the token embedding (the logits are tied to it); the output bias follows its vocabulary size."""
+        self.model.input_adapter.txt_embedding = embedding
+        vocab_size = embedding.num_embeddings
+        bias = self.model.output_bias
+        if bias is not None and bias.shape[0] != vocab_size:
+            resized = bias.new_zeros(vocab_size)
+            resized[: min(vocab_size, bias.shape[0])] = bias.data[:vocab_size]
+            self.model.output_bias = nn.Parameter(resized)
+        self.model.config.vocab_size = self.config.vocab_size = vocab_size
+
+    def get_output_embeddings(self) -> None:
+        return None  # tied: the logits are the hidden states times the token embedding
+
+    def _set_gradient_checkpointing(self, enable: bool = True, gradient_checkpointing_func=None, **kwargs) -> None:
+        # The backend checkpoints its own layers (torch.utils.checkpoint, non-reentrant).
+        self.gradient_checkpointing = enable
+        self.model.activation_checkpointing = self.model.self_attention.activation_checkpointing = enable
+        self.config.activation_checkpointing = self.model.config.activation_checkpointing = enable
 
     def forward(
         self,
-        input_ids: torch.LongTensor,
+        input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
-        prefix_len: int | None = None,
-        cache: PerceiverARCache | None = None,
+        cache: PerceiverARGenerationCache | None = None,
         use_cache: bool | None = None,
         labels: torch.LongTensor | None = None,
+        logits_to_keep: int = 0,
+        num_latents: int | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        decoding_state: WindowStepper | None = None,
+        past_key_values: PerceiverARGenerationCache | None = None,
         **kwargs,
-    ) -> PerceiverARCausalLMOutput:
-        """Logits of the positions after the first `prefix_len` of `input_ids` (B, N); by default as many
-        positions as `max_latents` allows. `attention_mask` (1 = token, 0 = left padding) covers the cached
-        positions followed by `input_ids`. `labels` (B, N), usually `input_ids`, give the next-token loss of those
-        positions (-100: ignored)."""
-        n = input_ids.shape[1]
-        if prefix_len is None:
-            prefix_len = max(0, n - self.config.max_latents)
-        if use_cache and cache is None:
-            cache = self.model.empty_cache()
-        pad_mask = None if attention_mask is None else attention_mask == 0
-        logits = self.model(input_ids, prefix_len, pad_mask=pad_mask, cache=cache)
+    ) -> PerceiverARCausalLMOutput | tuple:
+        """Logits (B, N, V) of the positions of `input_ids` (B, N) or `inputs_embeds` (B, N, C), or of the last
+        `logits_to_keep` (> 0) only. `attention_mask` (1 = token, 0 = left padding) covers the cached positions
+        followed by the new ones. `num_latents=k`: the logits (B, k, V) of a single window over the last
+        max_seq_len positions, of which the last k are latents. `labels` (B, N), usually `input_ids`, give the
+        next-token loss (-100: ignored). `output_hidden_states`: the latent stack's states at the same positions,
+        the cross-attention's output and each self-attention layer's (num_self_attention_layers + 1 tensors).
+
+        With a started `cache` (or `decoding_state`, generation without the cache), the input is the new tokens
+        (B, t) and the logits (B, t, V) are those of generation steps (see the module docstring). A cache is made
+        when `use_cache=True` is passed: it costs one more pass over the last window."""
+        cache = cache if cache is not None else past_key_values  # the keyword of transformers before 5.40
+        use_cache = bool(use_cache) or cache is not None
+        return_dict = self.config.return_dict if return_dict is None else return_dict
+        output_hidden_states = self.config.output_hidden_states if output_hidden_states is None else output_hidden_states
+        inputs = input_ids if inputs_embeds is None else inputs_embeds
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass either input_ids or inputs_embeds")
+        state = cache.stepper if cache is not None else decoding_state
+        hidden_states = None
+        if state is not None and state.started:
+            logits, hidden_states = self._generation_step(state, inputs, attention_mask, cache is None, output_hidden_states)
+        else:
+            logits = None
+            if num_latents is not None:
+                window = inputs[:, -self.config.max_seq_len :]
+                mask = None if attention_mask is None else attention_mask[:, -window.shape[1] :] == 0
+                outputs = self._run(window, window.shape[1] - num_latents, mask, output_hidden_states)
+                logits, hidden_states = outputs[0], outputs[1:] or None
+            elif state is not None and logits_to_keep > 1 and not output_hidden_states:
+                # Assisted decoding's first pass: the prompt, then draft tokens that must be generation steps (they
+                # are verified against them, and crop() may undo them).
+                split = inputs.shape[1] - logits_to_keep + 1
+                mask = None if attention_mask is None else attention_mask[:, :split]
+                first = state.start(inputs[:, :split], mask, num_latents)[:, None]
+                logits = torch.cat([first, state.extend(inputs[:, split:])], dim=1)
+            elif not (logits_to_keep == 1 and state is not None and not output_hidden_states):
+                # (else the stepper's first window computes them below)
+                logits, hidden_states = self._sequence(inputs, attention_mask, logits_to_keep, output_hidden_states)
+            if state is None and use_cache and labels is None:
+                schedule = getattr(self.generation_config, "window_schedule", None) or DEFAULT_SCHEDULE
+                state = WindowStepper(self.model, schedule, use_cache=True)
+                cache = PerceiverARGenerationCache(state)
+            if state is not None and not state.started:
+                last = state.start(inputs, attention_mask, num_latents)[:, None]
+                logits = last if logits is None else logits
         loss = None
         if labels is not None:
-            # The logits at position i predict token i + 1: the last one has no label.
-            targets = labels[:, prefix_len + 1 :]
+            # The usual causal LM loss: the logits at position i predict token i + 1.
+            n = logits.shape[1]
+            targets = labels[:, -n:][:, 1:]
             loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
-        window = Window(len(cache), cache.num_latents) if cache is not None else Window(n, n - prefix_len)
-        return PerceiverARCausalLMOutput(loss=loss, logits=logits, cache=cache if use_cache else None, window=window)
+        output = PerceiverARCausalLMOutput(
+            loss=loss,
+            logits=logits,
+            cache=cache if use_cache else None,
+            hidden_states=hidden_states,
+            decoding_state=decoding_state if cache is None else None,
+        )
+        return output if return_dict else output.to_tuple()
+
+    def _sequence(self, inputs, attention_mask, logits_to_keep: int, output_hidden_states: bool):
+        """Logits of the last `logits_to_keep` positions (0: all) and, if asked, the hidden states of all."""
+        keep = 0 if output_hidden_states else logits_to_keep
+        run = lambda x, prefix_len, pad_mask: self._run(x, prefix_len, pad_mask, output_hidden_states)  # noqa: E731
+        logits, *hidden_states = sequence_outputs(self.model, inputs, attention_mask, keep, run)
+        if keep != logits_to_keep and logits_to_keep > 0:
+            logits = logits[:, -logits_to_keep:]
+        return logits, tuple(hidden_states) or None
+
+    def _generation_step(self, state: WindowStepper, inputs, attention_mask, whole_sequence: bool, output_hidden_states: bool):
+        """Logits (B, t, V) of t generation steps over the new tokens of `inputs` and, if asked, hidden states: of
+        the new positions from their generation windows, and without the cache (`whole_sequence`) those of the
+        older positions too, as a full pass of transformers' models gives them."""
+        everything = inputs
+        if whole_sequence:  # without the cache the whole sequence comes each step, reordered by beam search
+            inputs = state.take_new_tokens(inputs)
+        steps = []
+        after_step = (lambda: steps.append(self._hidden_states_of_windows(state))) if output_hidden_states else None
+        logits = state.extend(inputs, after_step)
+        if not output_hidden_states:
+            return logits, None
+        hidden_states = tuple(torch.cat(layer, dim=1) for layer in zip(*steps))
+        if whole_sequence and not everything.is_floating_point() and everything.shape[1] > inputs.shape[1]:
+            t = inputs.shape[1]
+            mask = None if attention_mask is None else attention_mask[:, :-t]
+            _, older = self._sequence(everything[:, :-t], mask, 0, True)
+            hidden_states = tuple(torch.cat([old, new], dim=1) for old, new in zip(older, hidden_states))
+        return logits, hidden_states
+
+    def _run(self, x, prefix_len, pad_mask, output_hidden_states: bool) -> tuple[torch.Tensor, ...]:
+        """One pass of the backend: the latents' logits and, if asked, their hidden states (see `forward`)."""
+        if not output_hidden_states:
+            return (self.model(x, prefix_len, pad_mask=pad_mask),)
+        states = []
+        layers = [self.model.cross_attention, *self.model.self_attention.layers]
+        hooks = [layer.register_forward_hook(lambda _, __, out: states.append(out)) for layer in layers]
+        try:
+            logits = self.model(x, prefix_len, pad_mask=pad_mask)
+        finally:
+            for hook in hooks:
+                hook.remove()
+        return (logits, *states[: len(layers)])
+
+    def _hidden_states_of_windows(self, state: WindowStepper) -> tuple[torch.Tensor, ...]:
+        """The hidden states (B, 1, C) of each row's newest position, from one more pass over its window: a cached
+        step computes no full layer outputs."""
+        per_group = [(rows, self._run(tokens, prefix_len, None, True)[1:]) for rows, tokens, prefix_len in
+                     state.window_inputs()]
+        layers = []
+        for i in range(len(per_group[0][1])):
+            layer = per_group[0][1][i].new_empty(state.batch_size, 1, self.config.num_channels)
+            for rows, states in per_group:
+                layer[rows] = states[i][:, -1:]
+            layers.append(layer)
+        return tuple(layers)
 
     # -----------------------------------------------------------------------------------------------------------
     # generate()
     # -----------------------------------------------------------------------------------------------------------
 
-    def prepare_inputs_for_generation(
-        self,
-        input_ids: torch.LongTensor,
-        next_sequence_length: int | None = None,
-        cache: PerceiverARCache | None = None,
-        attention_mask: torch.Tensor | None = None,
-        num_latents: int | None = None,
-        window: Window | None = None,
-        use_cache: bool = True,
-        **kwargs,
-    ) -> dict:
-        """The forward inputs of one step: the window and its prefix length, or, with a cache that stays valid,
-        the newest token. `num_latents` (the user's) sets the first window; `window` is the previous step's."""
-        config = self.config.backend_config()
-        old_window = window
-        if window is None:
-            window, fresh = first_window(input_ids.shape[1], config, num_latents), True
+    def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs) -> None:
+        """One `WindowStepper` per `generate()` call, with the call's window schedule: in a cache of ours, or, with
+        use_cache=False, in the model kwargs (transformers' DynamicCache cannot hold Perceiver AR's state)."""
+        if model_kwargs.get("cache") is not None:
+            if not isinstance(model_kwargs["cache"], PerceiverARGenerationCache):
+                raise ValueError("Perceiver AR generates with its own cache: pass no cache, or the one it returned")
+            return
+        if not generation_config.use_cache and generation_config.num_beams > 1 and "inputs_embeds" in model_kwargs:
+            raise ValueError("beam search from inputs_embeds needs the cache: generate with use_cache=True")
+        schedule = getattr(generation_config, "window_schedule", None) or DEFAULT_SCHEDULE
+        stepper = WindowStepper(self.model, schedule, use_cache=bool(generation_config.use_cache))
+        if generation_config.use_cache:
+            model_kwargs["cache"] = PerceiverARGenerationCache(stepper)
         else:
-            window, fresh = next_window(window, config)
-        mask = None if attention_mask is None else attention_mask[:, -window.length :]
-        inputs = {"attention_mask": mask, "use_cache": use_cache}
-        whole_window = {"input_ids": input_ids[:, -window.length :], "prefix_len": window.prefix_len}
-        if not use_cache:
-            return inputs | whole_window
-        if cache is None or old_window is None:  # the prompt: one full pass fills a new cache
-            return inputs | whole_window | {"cache": self.model.empty_cache()}
-        if fresh:  # latents joined the prefix or tokens left: recompute what the cache cannot keep
-            kept = reusable_prefix(old_window, window)
-            cache.keep_prefix(kept)
-            rest = {"input_ids": input_ids[:, -window.length + kept :], "prefix_len": window.prefix_len - kept}
-            return inputs | rest | {"cache": cache}
-        if next_sequence_length not in (None, 1):
-            raise ValueError("Perceiver AR's cache takes one new token per step; generate with use_cache=False")
-        return inputs | {"input_ids": input_ids[:, -1:], "prefix_len": 0, "cache": cache}
+            model_kwargs["decoding_state"] = stepper
 
     def _update_model_kwargs_for_generation(self, outputs, model_kwargs, is_encoder_decoder=False, num_new_tokens=1):
         model_kwargs = super()._update_model_kwargs_for_generation(
             outputs, model_kwargs, is_encoder_decoder=is_encoder_decoder, num_new_tokens=num_new_tokens
         )
-        model_kwargs["window"] = outputs.window
+        if outputs.decoding_state is not None:
+            model_kwargs["decoding_state"] = outputs.decoding_state
         return model_kwargs
-
-    def _reorder_cache(self, cache: PerceiverARCache, beam_idx: torch.LongTensor) -> PerceiverARCache:
-        for kv_cache in [cache.cross_attention, *cache.self_attention]:
-            kv_cache.select(beam_idx)
-        return cache

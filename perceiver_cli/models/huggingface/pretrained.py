@@ -18,6 +18,7 @@ from typing import Any, Callable
 from perceiver_cli.checkpoints import LoadedModel, build_backend_model
 from perceiver_cli.errors import UserError
 from perceiver_cli.models.attention import fused_state_dict, separate_parameters, unfused_state_dict
+from perceiver_cli.models.clm_decoding import DEFAULT_SCHEDULE
 from perceiver_cli.models.huggingface import perceiver_for_masked_lm, perceiver_io_library
 from perceiver_cli.models.huggingface.files import (
     CONFIG_FILE,
@@ -25,6 +26,7 @@ from perceiver_cli.models.huggingface.files import (
     atomic_directory,
     read_config,
     read_weights,
+    save_causal_lm_tokenizer,
     save_tokenizer,
     tokenizer_spec,
     write_weights,
@@ -149,12 +151,12 @@ def _save_causal_lm(loaded: LoadedModel, out_dir: Path, remote_code: bool, force
     )
     prefix = PerceiverARForCausalLM.base_model_prefix
     with atomic_directory(out_dir, force) as staging:
-        tokenizer = save_tokenizer(loaded.tokenizer, staging, "left")  # decoder-only generation pads on the left
+        tokenizer = save_causal_lm_tokenizer(loaded.tokenizer, staging, model_max_length=loaded.config.max_seq_len)
         # All fields, not only those that differ from the class defaults, so that the file alone defines the model.
         config.to_json_file(str(staging / CONFIG_FILE), use_diff=False)
         weights = {f"{prefix}.{k}": v for k, v in loaded.model.state_dict().items()}
         write_weights(staging / SAFETENSORS_FILE, weights)
         special = {f"{name}_token_id": getattr(tokenizer, f"{name}_token_id") for name in ("bos", "eos", "pad")}
-        GenerationConfig(**special).save_pretrained(str(staging))
+        GenerationConfig(**special, window_schedule=DEFAULT_SCHEDULE).save_pretrained(str(staging))
         if remote_code:
             write_modeling_file(staging)
