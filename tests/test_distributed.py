@@ -277,19 +277,27 @@ def all_ended_within(pids: list[int], seconds: float) -> float:
     return time.monotonic() - start
 
 
+def stop_with(run: "Training", sig: int, after_step: int = 5) -> tuple[int, float]:
+    """Send `sig` to the launching process once `after_step` is checkpointed: (its exit status, seconds until every
+    rank had ended)."""
+    try:
+        run.wait_for_checkpoint(after_step=after_step)
+        ranks = [run.process.pid, *run.other_ranks()]
+        assert len(ranks) == 2
+        run.process.send_signal(sig)
+        seconds = all_ended_within(ranks, 20)
+    finally:
+        status = run.wait(timeout=30)
+    return status, seconds
+
+
 def test_clm_small_settings_train_under_ddp_stop_cleanly_on_sigterm_and_resume_under_torchrun(tmp_path):
     """The issue-17 hang, SIGTERM and resuming: clm-small's settings on 2 ranks cross validations, samples and
     checkpoints; SIGTERM to the launching process ends every rank within seconds and saves the current step, as in
     one process; `--resume auto` under torchrun continues from it, through another validation and checkpoint."""
     run = Training(tmp_path, "clm-small", CLM_SMALL_TINY + DDP + ["trainer.max_steps=10000"])
-    try:
-        run.wait_for_checkpoint(after_step=10)  # validations, samples and checkpoints at steps 5 and 10
-        ranks = [run.process.pid, *run.other_ranks()]
-        assert len(ranks) == 2
-        run.process.send_signal(signal.SIGTERM)
-        seconds = all_ended_within(ranks, 20)
-    finally:
-        status = run.wait(timeout=30)
+    # validations, samples and checkpoints at steps 5 and 10
+    status, seconds = stop_with(run, signal.SIGTERM, after_step=10)
     out = run.output()
     assert status == 143, out[-3000:]
     stopped = run.saved_step()
@@ -359,13 +367,7 @@ def test_a_killed_rank_makes_the_other_exit_with_a_clear_error(tmp_path, victim)
 @pytest.mark.slow
 def test_ctrl_c_stops_every_rank_and_saves_the_step(tmp_path):
     run = Training(tmp_path, "mlm-small", MLM_SMALL_TINY + DDP + ["trainer.max_steps=10000"])
-    try:
-        run.wait_for_checkpoint(after_step=5)
-        ranks = [run.process.pid, *run.other_ranks()]
-        run.process.send_signal(signal.SIGINT)
-        seconds = all_ended_within(ranks, 20)
-    finally:
-        status = run.wait(timeout=30)
+    status, seconds = stop_with(run, signal.SIGINT)
     out = run.output()
     assert status == 130 and f"SIGINT: saved step {run.saved_step()} to" in out, out[-3000:]
     assert out.count("error: interrupted") == 1 and "Traceback" not in out
@@ -411,13 +413,7 @@ def test_fsdp_stops_cleanly_on_sigterm_and_its_watchdog_ends_a_stuck_run(tiny, t
     (tmp_path / "stop").mkdir()
     run = Training(tmp_path / "stop", str(tiny), DDP + ["data.batch_size=4", "trainer.max_steps=10000",
                                                        "trainer.val_check_interval=5"], launcher=fsdp)
-    try:
-        run.wait_for_checkpoint(after_step=5)
-        ranks = [run.process.pid, *run.other_ranks()]
-        run.process.send_signal(signal.SIGTERM)
-        seconds = all_ended_within(ranks, 20)
-    finally:
-        status = run.wait(timeout=30)
+    status, seconds = stop_with(run, signal.SIGTERM)
     stopped = run.saved_step()
     assert status == 143 and f"SIGTERM: saved step {stopped} to" in run.output(), run.output()[-3000:]
     print(f"FSDP: SIGTERM ended both ranks in {seconds:.2f} s")
