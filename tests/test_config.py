@@ -132,7 +132,7 @@ def test_unknown_preset_name_lists_the_built_ins(capsys):
 
 def test_rough_memory_estimate_grows_with_batch():
     small, _ = load_run_config("clm-small")
-    big, _ = load_run_config("clm-small", ["data.batch_size=64"])
+    big, _ = load_run_config("clm-small", [f"data.batch_size={4 * small.data.batch_size}"])
     from perceiver_cli.training.run import activation_bytes
 
     assert math.isclose(activation_bytes(big) / activation_bytes(small), 4.0, rel_tol=1e-6)
