@@ -391,7 +391,7 @@ def matched_bert(cfg, s: Settings, target_parameters: int, vocab_size: int) -> n
 def train_bert(bert: nn.Module, cfg, datamodule, schedule: Schedule, evaluate: Callable[[nn.Module], dict]) -> Run:
     """BERT on the preset's own training batches (same order, same masks), with the preset's optimizer, schedule,
     gradient clipping and step count."""
-    from perceiver_cli.training.optim import build_optimizer, build_scheduler
+    from perceiver_cli.models.optim import build_optimizer, build_scheduler
 
     total = cfg.trainer.max_steps
     optimizer = build_optimizer(bert, **cfg.optimizer.model_dump(mode="json"))
@@ -438,7 +438,7 @@ def train_gpt(recipe: GPTRecipe, train_stream: torch.Tensor, schedule: Schedule,
               seed: int = 0, steps: int | None = None) -> Run:
     """nanoGPT's training loop, rewritten: random windows of block + 1 tokens of the training stream, AdamW with
     weight decay on matrices and embeddings only, warmup then cosine, clipping."""
-    from perceiver_cli.training.optim import build_optimizer, build_scheduler
+    from perceiver_cli.models.optim import build_optimizer, build_scheduler
 
     total = steps or recipe.iterations
     torch.manual_seed(seed)

@@ -16,9 +16,9 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator
 
 from perceiver_cli.errors import UserError
-from perceiver_cli.models.clm import CausalLanguageModelConfig
-from perceiver_cli.models.mlm import MaskedLanguageModelConfig, TextDecoderConfig, TextEncoderConfig
-from perceiver_cli.training.optim import OPTIMIZERS, SCHEDULERS
+from perceiver_cli.models.clm.model import CausalLanguageModelConfig
+from perceiver_cli.models.mlm.model import MaskedLanguageModelConfig, TextDecoderConfig, TextEncoderConfig
+from perceiver_cli.models.optim import OPTIMIZERS, SCHEDULERS
 
 LINKED_FIELDS = ("vocab_size", "max_seq_len")  # set from [data], never in [model]
 UTF8_VOCAB_SIZE = 262

@@ -28,7 +28,8 @@ from perceiver_cli.checkpoints import load_model
 from perceiver_cli.config import load_run_config
 from perceiver_cli.errors import UserError
 from perceiver_cli.training.launch import check_layout, detect_launch
-from perceiver_cli.training.run_dir import resume_checkpoint, run_dir_for
+from perceiver_cli.runs import resume_checkpoint
+from perceiver_cli.training.run_dir import run_dir_for
 
 TESTS = Path(__file__).parent
 LOSS_TOLERANCE = 1e-5

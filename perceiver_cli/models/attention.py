@@ -411,8 +411,8 @@ def unfused_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def fused_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """A state dict for `model` from one with separate query, key and value projections (a converter's, or a
-    checkpoint written before the projections were fused); fused tensors pass through unchanged."""
+    """A state dict for `model` from one with separate query, key and value projections (a converter's); fused
+    tensors pass through unchanged."""
     state = dict(state)
     for fused, parts in separate_parameters(model).items():
         if all(name in state for name in parts):

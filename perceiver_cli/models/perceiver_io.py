@@ -2,7 +2,7 @@
 
 Encoder: an input adapter turns task input into (B, M, C) vectors; learned latents (N, D) cross-attend to them,
 then blocks of self-attention layers process the latents. Decoder: output queries (O, F) cross-attend to the
-latents. Task models (see `mlm.py`) supply the input adapter and turn decoder output into predictions.
+latents. Task models (see `mlm/model.py`) supply the input adapter and turn decoder output into predictions.
 """
 
 from __future__ import annotations

@@ -13,7 +13,9 @@ from rich.console import Console
 from perceiver_cli.config import RunConfig, load_run_config, parse_toml, to_toml, validate, apply_overrides
 from perceiver_cli.errors import UserError
 from perceiver_cli.training.launch import check_layout, detect_launch
-from perceiver_cli.training.run_dir import RUN_DIR_ENV, resume_checkpoint, run_dir_for, run_dir_of, write_atomically
+from perceiver_cli.files import write_atomically
+from perceiver_cli.runs import resume_checkpoint, run_dir_of
+from perceiver_cli.training.run_dir import RUN_DIR_ENV, run_dir_for
 
 
 def resolve(preset: str, overrides: list[str], resume: str | None, output: Path | None) -> tuple[RunConfig, str, Path | None]:
@@ -40,7 +42,7 @@ def count_parameters(cfg: RunConfig, vocab_size: int) -> int:
     """Parameter count without allocating memory: the model is built on the meta device."""
     import torch
 
-    from perceiver_cli.checkpoints import build_backend_model
+    from perceiver_cli.models.saved_model import build_backend_model
 
     with torch.device("meta"):
         model, _ = build_backend_model(cfg.task, cfg.backend_config(vocab_size).to_dict())

@@ -6,7 +6,7 @@ latent of its own window, ceil(N / max_latents) windows batched); `logits_to_kee
 `num_latents=k` runs the single window whose last k positions are latents (the model's raw forward pass).
 `labels` give the usual shifted next-token loss.
 
-Generation runs `WindowStepper` (`perceiver_cli.models.clm_decoding`), the stepper `perceiver generate` runs: with
+Generation runs `WindowStepper` (`perceiver_cli.models.clm.decoding`), the stepper `perceiver generate` runs: with
 the cache it lives in a `PerceiverARGenerationCache`, without it in the model kwargs (`decoding_state`), so both
 follow the same windows and give the same logits. The window schedule is the generation config's
 `window_schedule` ("chunked" or "sliding"), the first window's latents the `num_latents` argument of `generate()`.
@@ -28,8 +28,8 @@ from transformers import initialization as init
 from transformers.cache_utils import Cache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from perceiver_cli.models.clm import CausalLanguageModel, CausalLanguageModelConfig
-from perceiver_cli.models.clm_decoding import DEFAULT_SCHEDULE, WindowStepper, sequence_outputs
+from perceiver_cli.models.clm.model import CausalLanguageModel, CausalLanguageModelConfig
+from perceiver_cli.models.clm.decoding import DEFAULT_SCHEDULE, WindowStepper, sequence_outputs
 
 
 @dataclass

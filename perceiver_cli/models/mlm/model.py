@@ -100,11 +100,3 @@ class MaskedLanguageModel(PerceiverIO):
             return tied_logits(h, self.encoder.input_adapter.txt_embedding, self.output_bias)
         return self.output_linear(h)
 
-
-def __getattr__(name: str):
-    # The Lightning wrapper lives apart from the backend; import it (and Lightning) only when asked for.
-    if name == "LitMaskedLanguageModel":
-        from perceiver_cli.models.lightning import LitMaskedLanguageModel
-
-        return LitMaskedLanguageModel
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
-from perceiver_cli.models.clm import (
+from perceiver_cli.models.clm.model import (
     CausalLanguageModel,
     CausalLanguageModelConfig,
     Window,
