@@ -96,7 +96,8 @@ class PerceiverARGenerationCache(Cache):
 
 
 class PerceiverARCausalLMConfig(PreTrainedConfig):
-    """The fields of `CausalLanguageModelConfig`, with the same names and defaults (a test keeps them in step)."""
+    """The fields of `CausalLanguageModelConfig`, with the same names, types and defaults, plus transformers'
+    `use_cache`."""
 
     model_type = "perceiver-cli-causal-lm"  # krasserm/perceiver-io's own is "perceiver-ar-causal-language-model"
     # No max_position_embeddings: generation slides the window, so sequences may grow past max_seq_len.
@@ -106,25 +107,10 @@ class PerceiverARCausalLMConfig(PreTrainedConfig):
         "num_hidden_layers": "num_self_attention_layers",
     }
 
-    num_heads: int = 8
-    max_heads_parallel: int | None = None
-    num_self_attention_layers: int = 8
-    num_self_attention_rotary_layers: int = 1
-    self_attention_widening_factor: int = 4
-    cross_attention_widening_factor: int = 4
-    cross_attention_dropout: float = 0.5
-    post_attention_dropout: float = 0.0
-    residual_dropout: float = 0.0
-    activation_checkpointing: bool = False
-    activation_offloading: bool = False
-    vocab_size: int = 262
-    max_seq_len: int = 4096
-    max_latents: int = 512
-    num_channels: int = 512
-    output_norm: bool = False
-    output_bias: bool = True
-    abs_pos_emb: bool = True
-    init_scale: float = 0.02
+    # Declared from the backend dataclass, so that the two cannot drift apart: transformers makes a dataclass of
+    # each config class, and these annotated defaults become its fields.
+    __annotations__.update({f.name: f.type for f in fields(CausalLanguageModelConfig)})
+    vars().update({f.name: f.default for f in fields(CausalLanguageModelConfig)})
     use_cache: bool = True  # generate() with the key/value cache by default (transformers' field; not the backend's)
 
     @classmethod
