@@ -215,8 +215,7 @@ class PerceiverDecoder(nn.Module):
         elif output_positions.dim() == 1:
             queries = F.embedding(output_positions, self.output_queries).expand(b, -1, -1)
         else:
-            # A lookup, not indexing: its backward pass is 5x faster than indexing's (0.25 against 1.4 ms for
-            # mlm-small's 16 x 92 masked positions).
+            # A lookup, not indexing: its backward pass is much faster (benchmarks/README.md).
             queries = F.embedding(output_positions, self.output_queries)  # (B, O, F)
         return run_layer(self.cross_attn, queries, x_latent, checkpointed=self.activation_checkpointing)
 
