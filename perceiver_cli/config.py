@@ -390,12 +390,17 @@ def validate(values: dict[str, Any], source: str) -> RunConfig:
     )
 
 
-def load_run_config(preset: str, overrides: list[str] | None = None) -> tuple[RunConfig, str]:
-    """Resolve a preset name or path, apply overrides, validate. Returns the config and the preset's name."""
+def load_run_config(
+    preset: str, overrides: list[str] | None = None, output_dir: Path | None = None
+) -> tuple[RunConfig, str]:
+    """Resolve a preset name or path, apply overrides (and `output_dir`, the train command's --output), validate.
+    Returns the config and the preset's name; nothing changes the config after validation."""
     from perceiver_cli.presets import read_preset_text, resolve_preset
 
     path = resolve_preset(preset)
     values = apply_overrides(parse_toml(read_preset_text(preset), str(path)), overrides or [])
+    if output_dir is not None and isinstance(values.setdefault("output", {}), dict):
+        values["output"]["dir"] = str(output_dir)
     return validate(values, f"preset {Path(path).name}"), Path(path).stem
 
 

@@ -463,8 +463,9 @@ def test_the_launcher_is_read_as_lightning_reads_it():
 
 def test_an_external_launcher_decides_devices_and_nodes():
     cfg, _ = load_run_config("clm-small", ["trainer.devices=8"])
-    note = check_layout(cfg.trainer, detect_launch(SLURM_ENV))
-    assert (cfg.trainer.devices, cfg.trainer.num_nodes) == (4, 2) and "the preset said 8 and 1" in note
+    trainer, note = check_layout(cfg.trainer, detect_launch(SLURM_ENV))
+    assert (trainer.devices, trainer.num_nodes) == (4, 2) and "the preset said 8 and 1" in note
+    assert (cfg.trainer.devices, cfg.trainer.num_nodes) == (8, 1)  # the validated config stays as it was
     cfg, _ = load_run_config("clm-small", ["trainer.num_nodes=2"])
     with pytest.raises(UserError, match="one machine"):
         check_layout(cfg.trainer, detect_launch({}))

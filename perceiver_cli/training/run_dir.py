@@ -16,7 +16,7 @@ from pathlib import Path
 
 from perceiver_cli.errors import UserError
 from perceiver_cli.runs import run_dir_of
-from perceiver_cli.training.launch import detect_launch
+from perceiver_cli.training.launch import Launch, detect_launch
 
 
 def new_run_dir(runs_dir: Path, name: str) -> Path:
@@ -46,14 +46,15 @@ def process_rank() -> int:
     return detect_launch().rank
 
 
-def run_dir_for(runs_dir: Path, name: str, checkpoint: Path | None) -> Path:
+def run_dir_for(runs_dir: Path, name: str, checkpoint: Path | None, launch: Launch | None = None) -> Path:
     """The run directory of this process, the same on every rank of a multi-process run:
     - the ranks that Lightning starts from the `perceiver` command take the one rank 0 chose;
     - a resumed run goes on in its checkpoint's directory (every rank resolves the same checkpoint);
     - a new run under torchrun or srun, where every rank starts by itself, gets the directory its job names
       (`torchrun-<rendezvous id>` or `slurm-<job>.<step>`);
-    - otherwise a new `version_N`."""
-    launch = detect_launch()
+    - otherwise a new `version_N`.
+    `launch` is who started this process (read from the environment if not given)."""
+    launch = launch or detect_launch()
     if not launch.external and launch.rank > 0 and RUN_DIR_ENV in os.environ:
         return Path(os.environ[RUN_DIR_ENV])
     if checkpoint is not None:
