@@ -10,11 +10,11 @@ from pathlib import Path
 
 from rich.console import Console
 
-from perceiver_cli.config import RunConfig, load_run_config, parse_toml, to_toml, validate, apply_overrides
+from perceiver_cli.config import RunConfig, apply_overrides, load_run_config, parse_toml, to_toml, validate
 from perceiver_cli.errors import UserError
-from perceiver_cli.training.launch import Launch, check_layout
 from perceiver_cli.files import write_atomically
 from perceiver_cli.runs import resume_checkpoint, run_dir_of
+from perceiver_cli.training.launch import Launch, check_layout
 from perceiver_cli.training.run_dir import RUN_DIR_ENV, run_dir_for
 
 
