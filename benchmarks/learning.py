@@ -94,7 +94,7 @@ def settings(quick: bool) -> Settings:
         return Settings()
     # Toy sizes, seconds of training: the protocol runs end to end; the numbers mean nothing. The evaluations still
     # cover the whole validation split.
-    tiny_mlm = ["data.max_seq_len=64", "model.num_latents=8", "model.encoder.num_self_attention_layers_per_block=1",
+    tiny_mlm = ["data.max_seq_len=64", "model.num_latents=9", "model.encoder.num_self_attention_layers_per_block=1",
                 "trainer.max_steps=6", "trainer.val_check_interval=3", "trainer.limit_val_batches=2",
                 "scheduler.warmup_steps=2"]
     tiny_clm = ["data.max_seq_len=64", "model.max_latents=32", "model.num_channels=32",

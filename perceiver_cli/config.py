@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 
 from perceiver_cli.errors import UserError
 from perceiver_cli.models.clm.model import CausalLanguageModelConfig
+from perceiver_cli.models.mlm.block_routing import problems as routing_problems
 from perceiver_cli.models.mlm.model import MaskedLanguageModelConfig, TextDecoderConfig, TextEncoderConfig
 from perceiver_cli.models.optim import OPTIMIZERS, SCHEDULERS
 
@@ -275,6 +276,9 @@ def _check_mlm(m: Any, data: DataSection) -> list[tuple[str, str]]:
 
 def _check_run(cfg: RunConfig) -> list[tuple[str, str]]:
     errors = _check_clm(cfg.model, cfg.data) if cfg.task == "clm" else _check_mlm(cfg.model, cfg.data)
+    if cfg.task == "mlm" and cfg.model.routing_init == "blocks" and not errors:
+        # The vocabulary does not matter to the routing; the layout (latents, heads, channels) does.
+        errors += [(f"model.{path}", message) for path, message in routing_problems(cfg.backend_config(UTF8_VOCAB_SIZE))]
     if cfg.data.source == "files" and not cfg.data.path:
         errors.append(("data.path", "source = \"files\" needs a path (a file, a directory or a glob)"))
     if cfg.data.source == "hub" and not cfg.data.name:

@@ -33,6 +33,7 @@ LAYERS = {
     "models.clm.model": 1,
     "models.clm.decoding": 1,
     "models.mlm.model": 1,
+    "models.mlm.block_routing": 1,
     "training": 3,
     "config": 3,
     "presets": 3,

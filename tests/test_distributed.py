@@ -197,10 +197,11 @@ CLM_SMALL_TINY = [
     "output.sample_max_new_tokens=8",
 ]
 MLM_SMALL_TINY = [
-    "model.num_latents=8", "model.num_latent_channels=32", "model.encoder.num_input_channels=32",
-    "model.encoder.num_cross_attention_qk_channels=32", "model.encoder.num_cross_attention_v_channels=32",
+    # 64 bytes in blocks of 8 (the preset's block routing): 8 latents and a sink, 10-channel position codes.
+    "model.num_latents=9", "model.num_latent_channels=32", "model.encoder.num_input_channels=32",
+    "model.encoder.num_cross_attention_qk_channels=80", "model.encoder.num_cross_attention_v_channels=32",
     "model.encoder.num_self_attention_qk_channels=32", "model.encoder.num_self_attention_v_channels=32",
-    "model.encoder.num_self_attention_layers_per_block=1", "model.decoder.num_cross_attention_qk_channels=32",
+    "model.encoder.num_self_attention_layers_per_block=1", "model.decoder.num_cross_attention_qk_channels=96",
     "model.decoder.num_cross_attention_v_channels=32", "data.max_seq_len=64", "data.batch_size=4",
     "trainer.accelerator=cpu", "trainer.val_check_interval=5", "trainer.limit_val_batches=2",
     "trainer.log_every_n_steps=1",

@@ -133,6 +133,7 @@ class LitMaskedLanguageModel(LitLanguageModel):
         num_latent_channels: int,
         activation_checkpointing: bool = False,
         activation_offloading: bool = False,
+        routing_init: str = "random",
         optimizer: dict[str, Any] | None = None,
         scheduler: dict[str, Any] | None = None,
     ):
@@ -146,6 +147,7 @@ class LitMaskedLanguageModel(LitLanguageModel):
                 num_latent_channels=num_latent_channels,
                 activation_checkpointing=activation_checkpointing,
                 activation_offloading=activation_offloading,
+                routing_init=routing_init,
             )
         )
         self.model = MaskedLanguageModel(config)
