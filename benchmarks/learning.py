@@ -94,7 +94,7 @@ def settings(quick: bool) -> Settings:
         return Settings()
     # Toy sizes, seconds of training: the protocol runs end to end; the numbers mean nothing. The evaluations still
     # cover the whole validation split.
-    tiny_mlm = ["data.max_seq_len=64", "model.num_latents=8", "model.encoder.num_self_attention_layers_per_block=1",
+    tiny_mlm = ["data.max_seq_len=64", "model.num_latents=9", "model.encoder.num_self_attention_layers_per_block=1",
                 "trainer.max_steps=6", "trainer.val_check_interval=3", "trainer.limit_val_batches=2",
                 "scheduler.warmup_steps=2"]
     tiny_clm = ["data.max_seq_len=64", "model.max_latents=32", "model.num_channels=32",
@@ -391,7 +391,7 @@ def matched_bert(cfg, s: Settings, target_parameters: int, vocab_size: int) -> n
 def train_bert(bert: nn.Module, cfg, datamodule, schedule: Schedule, evaluate: Callable[[nn.Module], dict]) -> Run:
     """BERT on the preset's own training batches (same order, same masks), with the preset's optimizer, schedule,
     gradient clipping and step count."""
-    from perceiver_cli.training.optim import build_optimizer, build_scheduler
+    from perceiver_cli.models.optim import build_optimizer, build_scheduler
 
     total = cfg.trainer.max_steps
     optimizer = build_optimizer(bert, **cfg.optimizer.model_dump(mode="json"))
@@ -438,7 +438,7 @@ def train_gpt(recipe: GPTRecipe, train_stream: torch.Tensor, schedule: Schedule,
               seed: int = 0, steps: int | None = None) -> Run:
     """nanoGPT's training loop, rewritten: random windows of block + 1 tokens of the training stream, AdamW with
     weight decay on matrices and embeddings only, warmup then cosine, clipping."""
-    from perceiver_cli.training.optim import build_optimizer, build_scheduler
+    from perceiver_cli.models.optim import build_optimizer, build_scheduler
 
     total = steps or recipe.iterations
     torch.manual_seed(seed)

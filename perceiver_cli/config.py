@@ -16,9 +16,10 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator
 
 from perceiver_cli.errors import UserError
-from perceiver_cli.models.clm import CausalLanguageModelConfig
-from perceiver_cli.models.mlm import MaskedLanguageModelConfig, TextDecoderConfig, TextEncoderConfig
-from perceiver_cli.training.optim import OPTIMIZERS, SCHEDULERS
+from perceiver_cli.models.clm.model import CausalLanguageModelConfig
+from perceiver_cli.models.mlm.block_routing import problems as routing_problems
+from perceiver_cli.models.mlm.model import MaskedLanguageModelConfig, TextDecoderConfig, TextEncoderConfig
+from perceiver_cli.models.optim import OPTIMIZERS, SCHEDULERS
 
 LINKED_FIELDS = ("vocab_size", "max_seq_len")  # set from [data], never in [model]
 UTF8_VOCAB_SIZE = 262
@@ -275,6 +276,9 @@ def _check_mlm(m: Any, data: DataSection) -> list[tuple[str, str]]:
 
 def _check_run(cfg: RunConfig) -> list[tuple[str, str]]:
     errors = _check_clm(cfg.model, cfg.data) if cfg.task == "clm" else _check_mlm(cfg.model, cfg.data)
+    if cfg.task == "mlm" and cfg.model.routing_init == "blocks" and not errors:
+        # The vocabulary does not matter to the routing; the layout (latents, heads, channels) does.
+        errors += [(f"model.{path}", message) for path, message in routing_problems(cfg.backend_config(UTF8_VOCAB_SIZE))]
     if cfg.data.source == "files" and not cfg.data.path:
         errors.append(("data.path", "source = \"files\" needs a path (a file, a directory or a glob)"))
     if cfg.data.source == "hub" and not cfg.data.name:
@@ -390,12 +394,17 @@ def validate(values: dict[str, Any], source: str) -> RunConfig:
     )
 
 
-def load_run_config(preset: str, overrides: list[str] | None = None) -> tuple[RunConfig, str]:
-    """Resolve a preset name or path, apply overrides, validate. Returns the config and the preset's name."""
+def load_run_config(
+    preset: str, overrides: list[str] | None = None, output_dir: Path | None = None
+) -> tuple[RunConfig, str]:
+    """Resolve a preset name or path, apply overrides (and `output_dir`, the train command's --output), validate.
+    Returns the config and the preset's name; nothing changes the config after validation."""
     from perceiver_cli.presets import read_preset_text, resolve_preset
 
     path = resolve_preset(preset)
     values = apply_overrides(parse_toml(read_preset_text(preset), str(path)), overrides or [])
+    if output_dir is not None and isinstance(values.setdefault("output", {}), dict):
+        values["output"]["dir"] = str(output_dir)
     return validate(values, f"preset {Path(path).name}"), Path(path).stem
 
 

@@ -120,7 +120,7 @@ def evaluate_clm_generation(
     generated tokens, and the speed of its steps. With the "utf8" tokenizer a token is a byte."""
     import time
 
-    from perceiver_cli.models.clm_decoding import WindowStepper
+    from perceiver_cli.models.clm.decoding import WindowStepper
 
     length = (len(stream) - 1) // batch_size  # tokens scored per segment
     if length < 1:

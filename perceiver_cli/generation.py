@@ -3,7 +3,7 @@ and incremental decoding of generated tokens into text.
 
 `perceiver generate` and training's validation samples both call `generate`; nothing here knows the command line.
 
-The generation protocol is `perceiver_cli.models.clm_decoding.WindowStepper`'s, the stepper the Hugging Face export's
+The generation protocol is `perceiver_cli.models.clm.decoding.WindowStepper`'s, the stepper the Hugging Face export's
 `generate()` runs too: the model sees a window of at most `max_seq_len` tokens, its last tokens the latents (the
 positions it predicts from); the window schedule (`--schedule`) says how the window moves as tokens are added, and
 the key/value cache makes most steps cost one latent's computation, exactly (`use_cache=False` gives the same tokens).
@@ -20,8 +20,8 @@ from dataclasses import dataclass
 import torch
 
 from perceiver_cli.errors import UserError
-from perceiver_cli.models.clm import CausalLanguageModel, CausalLanguageModelConfig, first_window
-from perceiver_cli.models.clm_decoding import DEFAULT_SCHEDULE, SCHEDULES, WindowStepper
+from perceiver_cli.models.clm.model import CausalLanguageModel, CausalLanguageModelConfig, first_window
+from perceiver_cli.models.clm.decoding import DEFAULT_SCHEDULE, SCHEDULES, WindowStepper
 
 # ---------------------------------------------------------------------------------------------------------------
 # Settings
@@ -44,7 +44,7 @@ class GenerationSettings:
     stop_at_eos: bool = True  # the end-of-text token ends a sequence (training puts it between documents)
     num_latents: int | None = None  # initial latents; None: min(prompt length, max_latents)
     use_cache: bool = True
-    schedule: str = DEFAULT_SCHEDULE  # the window schedule (see perceiver_cli.models.clm_decoding.SCHEDULES)
+    schedule: str = DEFAULT_SCHEDULE  # the window schedule (see perceiver_cli.models.clm.decoding.SCHEDULES)
 
     def validate(self, max_latents: int | None = None) -> None:
         """Raise a UserError naming the first setting out of range; num_latents is also checked against the model's

@@ -1,13 +1,11 @@
 """Which model a command runs: the one named by --model, else the most recent run of the command's task."""
 
 import sys
-from pathlib import Path
 
-from perceiver_cli.checkpoints import TASK_NAMES, LoadedModel, find_latest_run, load_model, run_checkpoint
+from perceiver_cli.checkpoints import load_model
 from perceiver_cli.errors import UserError
-
-RUNS_DIR = Path("runs")
-TRAIN_PRESETS = {"clm": "clm-small", "mlm": "mlm-small"}
+from perceiver_cli.models.saved_model import LoadedModel
+from perceiver_cli.runs import latest_run
 
 
 def choose_model(model: str | None, task: str | None, device: str = "cpu") -> LoadedModel:
@@ -15,20 +13,10 @@ def choose_model(model: str | None, task: str | None, device: str = "cpu") -> Lo
     task; without it, the most recent run of `task` (of either task if None) under runs/, named on stderr so the
     user knows what ran."""
     if model is None:
-        run_dir = _latest_run(task)
+        run_dir = latest_run(task)
         print(f"using {run_dir} (most recent {task + ' ' if task else ''}run)", file=sys.stderr)
         model = str(run_dir)
     return load_model(model, task, device=device)
-
-
-def _latest_run(task: str | None) -> Path:
-    tasks = [task] if task else list(TASK_NAMES)
-    runs = [run for run in (find_latest_run(t, RUNS_DIR) for t in tasks) if run is not None]
-    if not runs:
-        what = TASK_NAMES[task] if task else "model"
-        how = " or ".join(f"`perceiver train --preset {TRAIN_PRESETS[t]}`" for t in tasks)
-        raise UserError(f"no trained {what} found under {RUNS_DIR}/", hint=f"train one with {how}, or pass --model")
-    return max(runs, key=lambda run: run_checkpoint(run).stat().st_mtime)
 
 
 def resolve_device(device: str) -> str:

@@ -5,11 +5,11 @@ light (no pydantic, no torch) because `perceiver presets ...` and `perceiver --h
 """
 
 import os
-import secrets
 from importlib import resources
 from pathlib import Path
 
 from perceiver_cli.errors import UserError
+from perceiver_cli.files import refuse_existing, write_atomically
 
 
 def presets_dir() -> Path:
@@ -74,24 +74,15 @@ def describe_preset(name_or_path: str) -> str:
 
 def copy_preset(name_or_path: str, dest: Path, force: bool = False) -> Path:
     """Write a preset's TOML to `dest` (or `dest/NAME.toml` if `dest` is a directory) and return the path written.
-
-    An existing file is kept unless `force`. The text goes to a temporary file in the same directory first and is
-    then renamed over the target, so an interrupted copy never leaves a half-written preset behind.
-    """
+    An existing file is kept unless `force`; the write is atomic (`files.write_atomically`)."""
     source = resolve_preset(name_or_path)
     text = _read_text(source)
     target = dest / f"{source.stem}.toml" if dest.is_dir() else dest
-    if target.exists() and not force:
-        raise UserError(f"'{target}' already exists; pass --force to overwrite it")
+    refuse_existing(target, force)
     if not target.parent.is_dir():
         raise UserError(f"directory '{target.parent}' does not exist; create it first")
-    temp = target.parent / f".{target.name}.{secrets.token_hex(4)}.tmp"
     try:
-        with temp.open("x", encoding="utf-8") as file:
-            file.write(text)
-        os.replace(temp, target)
+        write_atomically(target, text)
     except OSError as err:
         raise UserError(f"cannot write '{target}': {err}") from err
-    finally:
-        temp.unlink(missing_ok=True)  # gone already after a successful rename
     return target

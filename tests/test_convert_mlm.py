@@ -202,3 +202,22 @@ def test_inexpressible_model_is_refused_with_every_difference(tmp_path, capsys):
         assert difference in message
     assert "Traceback" not in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny.ckpt"]  # nothing written, nothing left behind
+
+
+def test_mlm_small_with_block_routing_exports_with_identical_logits(tmp_path, capsys):
+    """The default preset's layout (block routing, 65 latents, 8 cross-attention heads) is one transformers can
+    express: the export gives our logits."""
+    from perceiver_cli.config import load_run_config
+
+    config = load_run_config("mlm-small")[0].backend_config(262)
+    assert config.routing_init == "blocks"
+    torch.manual_seed(0)
+    ours = MaskedLanguageModel(config).eval()
+    ckpt = write_checkpoint(tmp_path / "mlm-small.ckpt", "mlm", ours, config)
+    status, _, err = run_cli(capsys, "convert", "--to", "hf", "--model", str(ckpt), str(tmp_path / "hf"))
+    assert status == 0, err
+    hf = PerceiverForMaskedLM.from_pretrained(tmp_path / "hf").eval()
+    ids = torch.randint(6, 262, (2, config.encoder.max_seq_len), generator=torch.Generator().manual_seed(0))
+    ids[:, ::7] = MASK
+    with torch.no_grad():  # in float64: the routing's sharp attention amplifies float32 rounding (1.8e-5 seen)
+        assert (hf.double()(input_ids=ids).logits - ours.double()(ids)).abs().max().item() <= 1e-10

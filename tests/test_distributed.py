@@ -28,7 +28,8 @@ from perceiver_cli.checkpoints import load_model
 from perceiver_cli.config import load_run_config
 from perceiver_cli.errors import UserError
 from perceiver_cli.training.launch import check_layout, detect_launch
-from perceiver_cli.training.run_dir import resume_checkpoint, run_dir_for
+from perceiver_cli.runs import resume_checkpoint
+from perceiver_cli.training.run_dir import run_dir_for
 
 TESTS = Path(__file__).parent
 LOSS_TOLERANCE = 1e-5
@@ -196,10 +197,11 @@ CLM_SMALL_TINY = [
     "output.sample_max_new_tokens=8",
 ]
 MLM_SMALL_TINY = [
-    "model.num_latents=8", "model.num_latent_channels=32", "model.encoder.num_input_channels=32",
-    "model.encoder.num_cross_attention_qk_channels=32", "model.encoder.num_cross_attention_v_channels=32",
+    # 64 bytes in blocks of 8 (the preset's block routing): 8 latents and a sink, 10-channel position codes.
+    "model.num_latents=9", "model.num_latent_channels=32", "model.encoder.num_input_channels=32",
+    "model.encoder.num_cross_attention_qk_channels=80", "model.encoder.num_cross_attention_v_channels=32",
     "model.encoder.num_self_attention_qk_channels=32", "model.encoder.num_self_attention_v_channels=32",
-    "model.encoder.num_self_attention_layers_per_block=1", "model.decoder.num_cross_attention_qk_channels=32",
+    "model.encoder.num_self_attention_layers_per_block=1", "model.decoder.num_cross_attention_qk_channels=96",
     "model.decoder.num_cross_attention_v_channels=32", "data.max_seq_len=64", "data.batch_size=4",
     "trainer.accelerator=cpu", "trainer.val_check_interval=5", "trainer.limit_val_batches=2",
     "trainer.log_every_n_steps=1",
@@ -462,8 +464,9 @@ def test_the_launcher_is_read_as_lightning_reads_it():
 
 def test_an_external_launcher_decides_devices_and_nodes():
     cfg, _ = load_run_config("clm-small", ["trainer.devices=8"])
-    note = check_layout(cfg.trainer, detect_launch(SLURM_ENV))
-    assert (cfg.trainer.devices, cfg.trainer.num_nodes) == (4, 2) and "the preset said 8 and 1" in note
+    trainer, note = check_layout(cfg.trainer, detect_launch(SLURM_ENV))
+    assert (trainer.devices, trainer.num_nodes) == (4, 2) and "the preset said 8 and 1" in note
+    assert (cfg.trainer.devices, cfg.trainer.num_nodes) == (8, 1)  # the validated config stays as it was
     cfg, _ = load_run_config("clm-small", ["trainer.num_nodes=2"])
     with pytest.raises(UserError, match="one machine"):
         check_layout(cfg.trainer, detect_launch({}))

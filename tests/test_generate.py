@@ -19,7 +19,7 @@ from perceiver_cli.generation import (
     process_logits,
 )
 from perceiver_cli.models.clm import CausalLanguageModel, Window
-from perceiver_cli.models.clm_decoding import WindowStepper
+from perceiver_cli.models.clm.decoding import WindowStepper
 from perceiver_cli.models.mlm import MaskedLanguageModel
 from tiny_models import tiny_clm_config, tiny_mlm_config
 from cli_runner import assert_one_error, run_cli, write_run

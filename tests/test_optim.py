@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from perceiver_cli.training.optim import build_optimizer
+from perceiver_cli.models.optim import build_optimizer
 
 
 def tiny_model() -> nn.Module:
@@ -46,15 +46,3 @@ def test_frozen_parameters_do_not_stop_the_fused_kernel():
     before = model[0].weight.clone()
     train(model, optimizer, steps=1)
     assert torch.equal(model[0].weight, before)
-
-
-def test_an_optimizer_state_for_other_parameters_is_refused_clearly():
-    from perceiver_cli.errors import UserError
-    from perceiver_cli.models.clm import CausalLanguageModel
-    from perceiver_cli.training.optim import fused_optimizer_state
-    from tiny_models import tiny_clm_config
-
-    model = CausalLanguageModel(tiny_clm_config())
-    state = {"state": {}, "param_groups": [{"params": [0, 1]}, {"params": [2]}]}
-    with pytest.raises(UserError, match="does not match"):
-        fused_optimizer_state(model, state)

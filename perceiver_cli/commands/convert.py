@@ -7,17 +7,16 @@
 Outputs are written atomically and never replace an existing file or directory without --force.
 """
 
-import sys
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
 from perceiver_cli.errors import UserError
+from perceiver_cli.files import refuse_existing
 
 TARGETS = ("hf", "safetensors")
 SOURCES = ("hf",)
-RUNS_DIR = Path("runs")
 
 
 def convert(
@@ -83,12 +82,13 @@ def convert(
 
 
 def _export(target: str, model: str | None, out: Path, remote_code: bool, force: bool) -> None:
-    from perceiver_cli.checkpoints import load_model, write_safetensors
+    from perceiver_cli.checkpoints import write_safetensors
+    from perceiver_cli.model_choice import choose_model
 
-    _refuse_existing(out, force)  # before the slow loading
+    refuse_existing(out, force)  # before the slow loading
     if target == "safetensors" and out.is_dir():
         raise UserError(f"{out} is a directory; name the .safetensors file to write")
-    loaded = load_model(model if model is not None else _latest_run())
+    loaded = choose_model(model, task=None)
     if target == "safetensors":
         write_safetensors(out, loaded.task, loaded.model, loaded.config, loaded.tokenizer, loaded.run_config)
         typer.echo(f"wrote {out} ({loaded.task}; load it with --model {out})")
@@ -120,7 +120,7 @@ def _import(in_dir: Path, out: Path | None, force: bool) -> None:
     if out is None:
         resolved = in_dir.resolve()
         out = resolved.with_name(resolved.name + ".ckpt")
-    _refuse_existing(out, force)
+    refuse_existing(out, force)
     if out.is_dir():
         raise UserError(f"{out} is a directory; name the checkpoint file to write")
 
@@ -133,19 +133,3 @@ def _import(in_dir: Path, out: Path | None, force: bool) -> None:
     num_parameters = sum(p.numel() for p in loaded.model.parameters())
     typer.echo(f"wrote {out} ({loaded.task}, {num_parameters:,} parameters, tokenizer {loaded.tokenizer})")
 
-
-def _refuse_existing(path: Path, force: bool) -> None:
-    if path.exists() and not force:
-        raise UserError(f"{path} already exists", hint="pass --force to replace it")
-
-
-def _latest_run() -> str:
-    """The run directory with the most recent checkpoint, of either task."""
-    from perceiver_cli.checkpoints import find_latest_run, run_checkpoint
-
-    runs = [run for run in (find_latest_run(task, RUNS_DIR) for task in ("clm", "mlm")) if run is not None]
-    if not runs:
-        raise UserError(f"no trained model found under {RUNS_DIR}/", hint="pass the model to export with --model")
-    latest = max(runs, key=lambda run: run_checkpoint(run).stat().st_mtime)
-    print(f"using {latest} (most recent run)", file=sys.stderr)
-    return str(latest)

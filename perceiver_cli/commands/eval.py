@@ -66,7 +66,7 @@ def evaluate(
     if include_path is not None:
         raise UserError("--include-path goes with --tasks")
     if schedule is not None:
-        from perceiver_cli.models.clm_decoding import SCHEDULES
+        from perceiver_cli.models.clm.decoding import SCHEDULES
 
         if schedule not in SCHEDULES:
             raise UserError(f"unknown --schedule {schedule!r}: use {' or '.join(SCHEDULES)}")

@@ -62,7 +62,7 @@ def generate(
     import json
     import time
 
-    from perceiver_cli.data.tokenizer import load_tokenizer
+    from perceiver_cli.data.tokenizer import encode_text, load_tokenizer
     from perceiver_cli.generation import GenerationSettings, generate as run_generation, initial_num_latents
     from perceiver_cli.model_choice import choose_model, resolve_device
 
@@ -86,8 +86,7 @@ def generate(
     config = loaded.config
     settings.validate(config.max_latents)
     tokenizer = load_tokenizer(loaded.tokenizer, padding_side="left")
-    # As in training: no special tokens added, and special-token strings in the text stay plain text.
-    prompt_ids = tokenizer(text, add_special_tokens=False, split_special_tokens=True, verbose=False)["input_ids"]
+    prompt_ids = encode_text(tokenizer, text)  # as training reads its documents
     if len(prompt_ids) > config.max_seq_len:
         _warn(
             f"the prompt has {len(prompt_ids)} tokens, more than the model's max_seq_len ({config.max_seq_len}): "

@@ -26,11 +26,12 @@ def train(
     from rich.console import Console
 
     from perceiver_cli.training import run
-    from perceiver_cli.training.run_dir import process_rank
+    from perceiver_cli.training.launch import detect_launch
 
-    console = Console(quiet=process_rank() > 0)  # in a multi-process run only rank 0 speaks
+    launch = detect_launch()  # once: every step below asks this one answer
+    console = Console(quiet=launch.rank > 0)  # in a multi-process run only rank 0 speaks
     cfg, name, checkpoint = run.resolve(preset, overrides or [], resume, output)
     if dry_run:
         run.dry_run(cfg, name, console)
         return
-    run.fit(cfg, name, checkpoint, console)
+    run.fit(cfg, name, checkpoint, console, launch)

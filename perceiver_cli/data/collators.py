@@ -16,6 +16,7 @@ import hashlib
 import torch
 
 from perceiver_cli.data.masking import IGNORE_INDEX, WordUnits, mask_example
+from perceiver_cli.data.tokenizer import check_padding_side
 from perceiver_cli.errors import UserError
 
 
@@ -43,8 +44,7 @@ class CLMCollator:
         random_truncation: bool = False,
         min_seq_len: int = 16,
     ):
-        if padding_side not in ("left", "right"):
-            raise UserError(f"padding side {padding_side!r} is not supported: use 'left' or 'right'")
+        check_padding_side(padding_side)
         self.pad_token_id = pad_token_id
         self.window = max_seq_len + 1
         self.padding_side = padding_side

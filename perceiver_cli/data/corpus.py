@@ -28,6 +28,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from perceiver_cli.data.cache import cache_root
+from perceiver_cli.files import write_atomically
 
 RECIPE_VERSION = 1  # bump whenever the recipe below changes what is extracted; it is part of the cache key
 MIN_CHARS = 100  # long enough to be a sentence or two; shorter docstrings are mostly "Return self."
@@ -189,7 +190,7 @@ def _build(directory: Path) -> None:
     info = {}
     for split, texts in documents.items():
         body = "".join(json.dumps({"text": text}, ensure_ascii=False) + "\n" for text in texts)
-        _write_atomically(directory / f"{split}.jsonl", body)
+        write_atomically(directory / f"{split}.jsonl", body)
         info[split] = {
             "documents": len(texts),
             "bytes": sum(len(text.encode("utf-8")) for text in texts),
@@ -197,15 +198,5 @@ def _build(directory: Path) -> None:
         }
     manifest = {"recipe": RECIPE_VERSION, "python": ".".join(map(str, sys.version_info[:3])), "splits": info}
     # The manifest goes last: its presence is what marks the corpus as complete.
-    _write_atomically(directory / MANIFEST, json.dumps(manifest, indent=2) + "\n")
+    write_atomically(directory / MANIFEST, json.dumps(manifest, indent=2) + "\n")
 
-
-def _write_atomically(path: Path, text: str) -> None:
-    # Write a temp file next to the target, then rename it over the target: readers see all or nothing, and two
-    # processes building at once (DDP ranks) both write identical content.
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_text(text, encoding="utf-8", newline="\n")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)

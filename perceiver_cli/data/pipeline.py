@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from perceiver_cli.data.tokenizer import encode_text
 from perceiver_cli.errors import UserError
 
 if TYPE_CHECKING:
@@ -119,9 +120,7 @@ class _Tokenize:
         texts = [text for text in batch["text"] if text and not text.isspace()]
         if not texts:
             return {"input_ids": []}
-        # split_special_tokens: a literal "[MASK]" in the corpus is text, not a mask; verbose=False: documents
-        # longer than the model's maximum length are expected here (they are chunked next).
-        ids = self.tokenizer(texts, add_special_tokens=False, split_special_tokens=True, verbose=False)["input_ids"]
+        ids = encode_text(self.tokenizer, texts)  # a literal "[MASK]" in the corpus is text, not a mask
         if self.separator is not None:
             ids = [doc + [self.separator] for doc in ids]
         return {"input_ids": ids}

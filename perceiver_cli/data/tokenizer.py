@@ -19,8 +19,7 @@ _TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json")
 def load_tokenizer(spec: str = UTF8, padding_side: str = "right"):
     """Return a tokenizer for `spec`: "utf8" (bytes; ids: [PAD]=0 [BOS]=1 [EOS]=2 [MASK]=3 [CLS]=4 [SEP]=5,
     byte b -> b + 6) or the path of a local Hugging Face tokenizer directory."""
-    if padding_side not in PADDING_SIDES:
-        raise UserError(f"padding side {padding_side!r} is not supported: use 'left' or 'right'")
+    check_padding_side(padding_side)
     if spec.strip().lower() in _UTF8_ALIASES:
         from transformers import PerceiverTokenizer
 
@@ -29,6 +28,19 @@ def load_tokenizer(spec: str = UTF8, padding_side: str = "right"):
         tokenizer = _load_local(spec)
     tokenizer.padding_side = padding_side
     return tokenizer
+
+
+def check_padding_side(padding_side: str) -> None:
+    if padding_side not in PADDING_SIDES:
+        raise UserError(f"padding side {padding_side!r} is not supported: use 'left' or 'right'")
+
+
+def encode_text(tokenizer, text):
+    """Token ids of plain text (a str, or a list of them), the one tokenization of training documents and of
+    generation prompts: no special tokens added, and a special token's string in the text ("[MASK]", "[EOS]")
+    stays text. Texts longer than the model's maximum length are expected here (the caller chunks or cuts them),
+    so the tokenizer's warning about them is off."""
+    return tokenizer(text, add_special_tokens=False, split_special_tokens=True, verbose=False)["input_ids"]
 
 
 def vocab_size(tokenizer) -> int:

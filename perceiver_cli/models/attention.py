@@ -182,7 +182,7 @@ def attend(
     """softmax(q k^T / sqrt(c)) v for (B, H, N, c) heads, through `scaled_dot_product_attention`.
 
     SDPA has no fused CPU kernel for query/key heads and value heads of different widths (the Perceiver IO layouts),
-    and its fallback is 1.3-2.7x slower than the plain formulation below. Padding the narrower heads with zeros to
+    and its fallback is slower than the plain formulation below. Padding the narrower heads with zeros to
     the wider width (zeros change no score and no output channel we keep) runs the fused kernel instead, which
     never holds the whole score matrix; `_pads_heads` says when that pays.
     """
@@ -207,24 +207,9 @@ def attend(
 
 def _pads_heads(q: torch.Tensor, k: torch.Tensor) -> bool:
     """Whether attention of unequal head widths on the CPU is faster through SDPA on zero-padded heads than in the
-    plain formulation. Measured on this project's 2-core machine:
-
-    - training in fp32: padding from 65k scores per head. There the two run at about the same speed end to end
-      (the scaled-down paper layout's training step: 0.99-1.01x), and the fused kernel keeps no score matrix for
-      the backward pass (16 MB less activation memory in that step; the matrix grows with batch x heads x latents
-      x inputs). Below, the plain formulation is faster.
-    - training in bfloat16 or float16: the plain formulation at every size, its products run on the matrix units
-      (the fused kernel's backward took 2.5x as long: 91.6 against 36.3 ms at 128 x 1,024 scores x 64 heads).
-    - inference in fp32: padding wins once the score matrices of all heads are large, from about 1.5M scores
-      (6 MB). The plain formulation allocates that matrix anew at every call, and glibc hands back memory this
-      large to the system when it is freed, so every page faults again on first touch: at 2.1M scores (the
-      `mlm-small` encoder's 16 x 4 heads x 64 x 512) plain took 13.4 ms and padding 6.1 ms in a fresh process;
-      where the allocator keeps the memory (`MALLOC_MMAP_THRESHOLD_` and `MALLOC_TRIM_THRESHOLD_` set high) they
-      were 6.0 against 5.5 ms. About even at 1.0-1.3M scores; the plain formulation wins below (0.7-0.8x at
-      0.26-0.5M). End to end, fill-mask in a fresh process: 1.16-1.25x for `mlm-small`, 1.03-1.10x for the paper
-      layout; after training steps have grown the heap, 1.0x and 1.03x.
-    - inference in bfloat16: padding, 1.0-2.2x from 4k to 131k scores per head (1.1-1.9x where the allocator
-      keeps the memory).
+    plain formulation: in training, fp32 only and from 65k scores per head (where the fused kernel also saves the
+    score matrix's memory); in inference, in low precision always and in fp32 once all heads' scores outgrow the
+    allocator's caches. The measurements: benchmarks/README.md, "Measurements behind choices in the code".
     """
     low_precision = q.dtype in (torch.bfloat16, torch.float16)
     if q.requires_grad or k.requires_grad:
@@ -233,8 +218,8 @@ def _pads_heads(q: torch.Tensor, k: torch.Tensor) -> bool:
 
 
 def call_linear(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    """`layer(x)` without `nn.Module.__call__` and its hook checks: for cached generation steps, which make 22 such
-    calls and 10 layer norms; calling the functions directly made a step 4-9% faster. (No hooks run on this path.)"""
+    """`layer(x)` without `nn.Module.__call__` and its hook checks: for cached generation steps, which make many
+    such calls, each of a single token (measured in benchmarks/README.md). No hooks run on this path."""
     return F.linear(x, layer.weight, layer.bias)
 
 
@@ -411,8 +396,8 @@ def unfused_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def fused_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """A state dict for `model` from one with separate query, key and value projections (a converter's, or a
-    checkpoint written before the projections were fused); fused tensors pass through unchanged."""
+    """A state dict for `model` from one with separate query, key and value projections (a converter's); fused
+    tensors pass through unchanged."""
     state = dict(state)
     for fused, parts in separate_parameters(model).items():
         if all(name in state for name in parts):

@@ -12,10 +12,10 @@ import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 
-from perceiver_cli.models.clm import CausalLanguageModel, CausalLanguageModelConfig
-from perceiver_cli.models.mlm import MaskedLanguageModel, MaskedLanguageModelConfig
-from perceiver_cli.models.attention import fused_state_dict
-from perceiver_cli.training.optim import build_optimizer, build_scheduler, fused_optimizer_state
+from perceiver_cli.models.clm.model import CausalLanguageModel, CausalLanguageModelConfig
+from perceiver_cli.models.mlm.model import MaskedLanguageModel, MaskedLanguageModelConfig
+from perceiver_cli.models.optim import build_optimizer, build_scheduler
+from perceiver_cli.models.saved_model import CHECKPOINT_KEY, checkpoint_metadata
 
 Batch = dict[str, torch.Tensor]
 
@@ -61,8 +61,6 @@ class LitLanguageModel(pl.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # What the one checkpoint loader needs to rebuild the backend model without this class.
-        from perceiver_cli.checkpoints import CHECKPOINT_KEY, checkpoint_metadata
-
         checkpoint[CHECKPOINT_KEY] = checkpoint_metadata(
             self.task, self.model.config, self.run_config, self.tokenizer_spec
         )
@@ -73,24 +71,11 @@ class LitLanguageModel(pl.LightningModule):
             checkpoint["rng_states"]["cuda"] = torch.cuda.get_rng_state_all()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        self._fuse_older_checkpoint(checkpoint)
         states = checkpoint.get("rng_states", {})
         if "cpu" in states:
             torch.set_rng_state(states["cpu"])
         if "cuda" in states and torch.cuda.is_available() and len(states["cuda"]) == torch.cuda.device_count():
             torch.cuda.set_rng_state_all(states["cuda"])
-
-    def _fuse_older_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """A checkpoint written before the attention projections were fused resumes too: its separate query, key
-        and value weights and their optimizer moments are stacked into the fused ones."""
-        weights = {k[len("model.") :]: v for k, v in checkpoint["state_dict"].items() if k.startswith("model.")}
-        fused = fused_state_dict(self.model, weights)
-        if fused.keys() == weights.keys():
-            return
-        others = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith("model.")}
-        checkpoint["state_dict"] = others | {f"model.{k}": v for k, v in fused.items()}
-        optimizer_states = checkpoint.get("optimizer_states", [])
-        checkpoint["optimizer_states"] = [fused_optimizer_state(self.model, state) for state in optimizer_states]
 
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
         loss = self.loss(batch)
@@ -148,6 +133,7 @@ class LitMaskedLanguageModel(LitLanguageModel):
         num_latent_channels: int,
         activation_checkpointing: bool = False,
         activation_offloading: bool = False,
+        routing_init: str = "random",
         optimizer: dict[str, Any] | None = None,
         scheduler: dict[str, Any] | None = None,
     ):
@@ -161,6 +147,7 @@ class LitMaskedLanguageModel(LitLanguageModel):
                 num_latent_channels=num_latent_channels,
                 activation_checkpointing=activation_checkpointing,
                 activation_offloading=activation_offloading,
+                routing_init=routing_init,
             )
         )
         self.model = MaskedLanguageModel(config)

@@ -61,9 +61,7 @@ class PerceiverARCache:
 
 class PerceiverAR(nn.Module):
     def __init__(self, config: PerceiverARConfig, num_channels: int, num_rotary_channels_per_head: int):
-        super().__init__()
-        if num_channels % config.num_heads:
-            raise ValueError(f"num_channels ({num_channels}) must be divisible by num_heads ({config.num_heads})")
+        super().__init__()  # the attention layers check that their channels divide into the heads
         self.num_rotary_channels = num_rotary_channels_per_head
         self.rotary_table = RotaryTable(num_rotary_channels_per_head)
         self.cross_attention_dropout = config.cross_attention_dropout
@@ -150,8 +148,8 @@ class PerceiverAR(nn.Module):
     def step(self, x: torch.Tensor, cache: PerceiverARCache) -> torch.Tensor:
         """A cached generation step: x (B, 1, C), the embedded newest token of each sequence, joins the cache as one
         more latent at position len(cache); returns its output (B, 1, C). The same numbers as
-        `forward(x, positions, 0, cache=cache)` with fewer operations (see `MultiHeadAttention.step`): 1.38-1.47
-        against 1.50-1.68 ms a step for `clm-small`'s shape on this project's CPU."""
+        `forward(x, positions, 0, cache=cache)` with fewer operations (see `MultiHeadAttention.step`; the timing is in
+        benchmarks/README.md)."""
         rotary = self.rotary_table.span(len(cache), 1, x.device, x.dtype)  # (1, 1, 1, r)
         x = self.cross_attention.step(x, cache.cross_attention, rotary)
         return self.self_attention.step(x, cache.self_attention, rotary)

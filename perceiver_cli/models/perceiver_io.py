@@ -2,7 +2,7 @@
 
 Encoder: an input adapter turns task input into (B, M, C) vectors; learned latents (N, D) cross-attend to them,
 then blocks of self-attention layers process the latents. Decoder: output queries (O, F) cross-attend to the
-latents. Task models (see `mlm.py`) supply the input adapter and turn decoder output into predictions.
+latents. Task models (see `mlm/model.py`) supply the input adapter and turn decoder output into predictions.
 """
 
 from __future__ import annotations
@@ -215,8 +215,7 @@ class PerceiverDecoder(nn.Module):
         elif output_positions.dim() == 1:
             queries = F.embedding(output_positions, self.output_queries).expand(b, -1, -1)
         else:
-            # A lookup, not indexing: its backward pass is 5x faster than indexing's (0.25 against 1.4 ms for
-            # mlm-small's 16 x 92 masked positions).
+            # A lookup, not indexing: its backward pass is much faster (benchmarks/README.md).
             queries = F.embedding(output_positions, self.output_queries)  # (B, O, F)
         return run_layer(self.cross_attn, queries, x_latent, checkpointed=self.activation_checkpointing)
 

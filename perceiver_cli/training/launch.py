@@ -62,20 +62,23 @@ def detect_launch(env: Mapping[str, str] = os.environ) -> Launch:
     return Launch("lightning", local_rank, local_rank)
 
 
-def check_layout(trainer, launch: Launch) -> str | None:
-    """Make `[trainer] devices` and `num_nodes` (a TrainerSection, changed in place) those of an external launcher:
-    it has started the processes already, and Lightning refuses other numbers. Returns a note for the console
-    when the preset said otherwise. Refuses several nodes without an external launcher."""
+def check_layout(trainer, launch: Launch):
+    """`[trainer]` (a TrainerSection) with the `devices` and `num_nodes` of an external launcher: it has started
+    the processes already, and Lightning refuses other numbers. Returns the section to train with (a copy; the
+    validated config is never changed) and a note for the console when the preset said otherwise. Refuses several
+    nodes without an external launcher."""
     if not launch.external:
         if trainer.num_nodes > 1:
             raise UserError(
                 f"trainer.num_nodes = {trainer.num_nodes}: the perceiver command starts the processes of one machine",
                 hint="start a multi-node run with srun (SLURM) or with torchrun on every node; see the README",
             )
-        return None
-    said = (trainer.devices, trainer.num_nodes)
-    trainer.devices, trainer.num_nodes = launch.devices, launch.num_nodes
-    if said[1] == launch.num_nodes and said[0] in ("auto", launch.devices):
-        return None
-    return (f"{launch.launcher} started {launch.num_nodes} node(s) x {launch.devices} process(es): trainer.devices = "
-            f"{launch.devices}, trainer.num_nodes = {launch.num_nodes} (the preset said {said[0]} and {said[1]})")
+        return trainer, None
+    laid_out = trainer.model_copy(update={"devices": launch.devices, "num_nodes": launch.num_nodes})
+    if trainer.num_nodes == launch.num_nodes and trainer.devices in ("auto", launch.devices):
+        return laid_out, None
+    return laid_out, (
+        f"{launch.launcher} started {launch.num_nodes} node(s) x {launch.devices} process(es): trainer.devices = "
+        f"{launch.devices}, trainer.num_nodes = {launch.num_nodes} (the preset said {trainer.devices} and "
+        f"{trainer.num_nodes})"
+    )

@@ -10,10 +10,12 @@ from pathlib import Path
 
 from rich.console import Console
 
-from perceiver_cli.config import RunConfig, load_run_config, parse_toml, to_toml, validate, apply_overrides
+from perceiver_cli.config import RunConfig, apply_overrides, load_run_config, parse_toml, to_toml, validate
 from perceiver_cli.errors import UserError
-from perceiver_cli.training.launch import check_layout, detect_launch
-from perceiver_cli.training.run_dir import RUN_DIR_ENV, resume_checkpoint, run_dir_for, run_dir_of, write_atomically
+from perceiver_cli.files import write_atomically
+from perceiver_cli.runs import resume_checkpoint, run_dir_of
+from perceiver_cli.training.launch import Launch, check_layout
+from perceiver_cli.training.run_dir import RUN_DIR_ENV, run_dir_for
 
 
 def resolve(preset: str, overrides: list[str], resume: str | None, output: Path | None) -> tuple[RunConfig, str, Path | None]:
@@ -22,9 +24,7 @@ def resolve(preset: str, overrides: list[str], resume: str | None, output: Path 
     Resuming continues the run as it was configured: its saved config.toml, plus this call's --set overrides
     (for example a larger trainer.max_steps).
     """
-    cfg, preset_name = load_run_config(preset, overrides)
-    if output is not None:
-        cfg.output.dir = str(output)
+    cfg, preset_name = load_run_config(preset, overrides, output_dir=output)
     name = cfg.output.name or preset_name
     if resume is None:
         return cfg, name, None
@@ -40,7 +40,7 @@ def count_parameters(cfg: RunConfig, vocab_size: int) -> int:
     """Parameter count without allocating memory: the model is built on the meta device."""
     import torch
 
-    from perceiver_cli.checkpoints import build_backend_model
+    from perceiver_cli.models.saved_model import build_backend_model
 
     with torch.device("meta"):
         model, _ = build_backend_model(cfg.task, cfg.backend_config(vocab_size).to_dict())
@@ -97,9 +97,8 @@ def bytes_per_token(datamodule) -> float | None:
     return None
 
 
-def fit(cfg: RunConfig, name: str, checkpoint: Path | None, console: Console) -> Path:
-    """Build everything and train; returns the run directory."""
-    launch = detect_launch()
+def fit(cfg: RunConfig, name: str, checkpoint: Path | None, console: Console, launch: Launch) -> Path:
+    """Build everything and train; returns the run directory. `launch`: who started this process."""
     quiet_libraries(launch.rank)  # before Lightning is imported: some of its notes come at import time
     import pytorch_lightning as pl
 
@@ -108,7 +107,8 @@ def fit(cfg: RunConfig, name: str, checkpoint: Path | None, console: Console) ->
     from perceiver_cli.training.callbacks import LastCheckpoint
     from perceiver_cli.training.distributed import CollectiveWatch
 
-    layout_note = check_layout(cfg.trainer, launch)
+    trainer_section, layout_note = check_layout(cfg.trainer, launch)
+    cfg = cfg.model_copy(update={"trainer": trainer_section})
     pl.seed_everything(cfg.trainer.seed, workers=True, verbose=False)
     datamodule = build_datamodule(cfg)
     lit = build_lit_model(cfg, datamodule.vocab_size)
@@ -120,7 +120,7 @@ def fit(cfg: RunConfig, name: str, checkpoint: Path | None, console: Console) ->
         with console.status("preparing data (cached after the first run)"):
             datamodule.prepare_data()
 
-    run_dir = run_dir_for(Path(cfg.output.dir), name, checkpoint)
+    run_dir = run_dir_for(Path(cfg.output.dir), name, checkpoint, launch)
     if launch.rank == 0:
         write_atomically(run_dir / "config.toml", to_toml(cfg))
     params = sum(p.numel() for p in lit.model.parameters())

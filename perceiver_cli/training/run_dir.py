@@ -15,14 +15,8 @@ import os
 from pathlib import Path
 
 from perceiver_cli.errors import UserError
-from perceiver_cli.training.launch import detect_launch
-
-
-def write_atomically(path: Path, data: str | bytes) -> None:
-    """Write via a temporary file and a rename, so readers never see half a file, even after a crash."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_bytes(data.encode() if isinstance(data, str) else data)
-    os.replace(tmp, path)
+from perceiver_cli.runs import run_dir_of
+from perceiver_cli.training.launch import Launch, detect_launch
 
 
 def new_run_dir(runs_dir: Path, name: str) -> Path:
@@ -52,14 +46,15 @@ def process_rank() -> int:
     return detect_launch().rank
 
 
-def run_dir_for(runs_dir: Path, name: str, checkpoint: Path | None) -> Path:
+def run_dir_for(runs_dir: Path, name: str, checkpoint: Path | None, launch: Launch | None = None) -> Path:
     """The run directory of this process, the same on every rank of a multi-process run:
     - the ranks that Lightning starts from the `perceiver` command take the one rank 0 chose;
     - a resumed run goes on in its checkpoint's directory (every rank resolves the same checkpoint);
     - a new run under torchrun or srun, where every rank starts by itself, gets the directory its job names
       (`torchrun-<rendezvous id>` or `slurm-<job>.<step>`);
-    - otherwise a new `version_N`."""
-    launch = detect_launch()
+    - otherwise a new `version_N`.
+    `launch` is who started this process (read from the environment if not given)."""
+    launch = launch or detect_launch()
     if not launch.external and launch.rank > 0 and RUN_DIR_ENV in os.environ:
         return Path(os.environ[RUN_DIR_ENV])
     if checkpoint is not None:
@@ -74,27 +69,3 @@ def run_dir_for(runs_dir: Path, name: str, checkpoint: Path | None) -> Path:
     run_dir = runs_dir / name / launch.job
     run_dir.mkdir(parents=True, exist_ok=True)
     return run_dir
-
-
-def resume_checkpoint(resume: str, runs_dir: Path, name: str) -> Path:
-    """The checkpoint `--resume` means: `auto` is the most recently written last checkpoint of this run name (in a
-    version_N, torchrun-* or slurm-* directory); otherwise a run directory or a checkpoint file."""
-    if resume == "auto":
-        candidates = sorted((runs_dir / name).glob("*/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime)
-        if not candidates:
-            raise UserError(
-                f"--resume auto: no checkpoint to resume under {runs_dir / name}",
-                hint="start the run without --resume first, or pass a checkpoint path",
-            )
-        return candidates[-1]
-    path = Path(resume)
-    if path.is_dir():
-        path = path / "checkpoints" / "last.ckpt"
-    if not path.is_file():
-        raise UserError(f"--resume {resume}: no checkpoint at {path}", hint="use --resume auto or a .ckpt path")
-    return path
-
-
-def run_dir_of(checkpoint: Path) -> Path:
-    """The run directory a checkpoint belongs to (checkpoints live in `<run>/checkpoints/`)."""
-    return checkpoint.parent.parent

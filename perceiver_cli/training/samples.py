@@ -24,8 +24,10 @@ class ValidationSample(pl.Callback):
             return
         from perceiver_cli.generation import GenerationSettings, generate
 
+        from perceiver_cli.data.tokenizer import encode_text
+
         tokenizer = trainer.datamodule.tokenizer
-        prompt_ids = tokenizer(self.prompt, add_special_tokens=False)["input_ids"]
+        prompt_ids = encode_text(tokenizer, self.prompt)  # as training reads its documents
         settings = GenerationSettings(max_new_tokens=self.max_new_tokens, top_k=10, seed=self.seed)
         text = generate(pl_module.model, tokenizer, prompt_ids, settings)[0].text
         shown = "".join(c if c.isprintable() or c == "\n" else " " for c in text)

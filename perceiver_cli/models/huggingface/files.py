@@ -1,4 +1,5 @@
-"""The files of a Hugging Face model directory: config.json, the weights, the tokenizer; and atomic writing.
+"""The files of a Hugging Face model directory: config.json, the weights, the tokenizer (written inside
+`files.atomic_directory`, so a directory appears complete or not at all).
 
 Every problem a user can cause (a missing or truncated file, a config without model_type, weights that would run
 code when unpickled) is a UserError naming the file.
@@ -6,17 +7,13 @@ code when unpickled) is a UserError naming the file.
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import shutil
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from perceiver_cli.data.tokenizer import BYTE_TOKENIZER_MARK
 from perceiver_cli.errors import UserError, first_line
+from perceiver_cli.files import read_safetensors, safe_torch_load, write_safetensors_file
 
 CONFIG_FILE = "config.json"
 SAFETENSORS_FILE = "model.safetensors"
@@ -66,8 +63,6 @@ def _read_sharded(index_path: Path) -> dict[str, Any]:
 def _read_weights_file(path: Path) -> dict[str, Any]:
     import torch
 
-    from perceiver_cli.checkpoints import read_safetensors, safe_torch_load
-
     if path.suffix == ".safetensors":
         return read_safetensors(path)[0]
     state = safe_torch_load(path, what="weights file")
@@ -100,10 +95,7 @@ def tokenizer_spec(directory: Path) -> str | None:
 
 def write_weights(path: Path, tensors: dict[str, Any]) -> None:
     """model.safetensors as transformers writes it (its metadata says the tensors are PyTorch's)."""
-    from safetensors.torch import save_file
-
-    # safetensors stores each tensor once and densely: no views into shared storage.
-    save_file({name: t.detach().cpu().contiguous().clone() for name, t in tensors.items()}, str(path), {"format": "pt"})
+    write_safetensors_file(path, tensors, {"format": "pt"})
 
 
 def save_tokenizer(spec: str, directory: Path, padding_side: str, model_max_length: int | None = None):
@@ -126,31 +118,4 @@ def save_causal_lm_tokenizer(spec: str, directory: Path, model_max_length: int):
     tokenizer = causal_lm_tokenizer(spec, model_max_length)
     tokenizer.save_pretrained(str(directory))
     return tokenizer
-
-
-def refuse_existing(path: Path, force: bool) -> None:
-    if path.exists() and not force:
-        raise UserError(f"{path} already exists", hint="pass --force to replace it")
-
-
-@contextlib.contextmanager
-def atomic_directory(target: Path, force: bool) -> Iterator[Path]:
-    """Yield an empty directory next to `target` to write into; on success it replaces `target` (which must not
-    exist unless `force`), on failure it is removed. A crash never leaves a half-written `target`."""
-    target = Path(target)
-    refuse_existing(target, force)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
-    try:
-        yield staging
-        if target.exists():
-            # A non-empty directory cannot be replaced in one rename: move it aside first.
-            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".old", dir=target.parent))
-            os.replace(target, old / "previous")
-            os.replace(staging, target)
-            shutil.rmtree(old)
-        else:
-            os.replace(staging, target)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
 

@@ -6,7 +6,7 @@ latent of its own window, ceil(N / max_latents) windows batched); `logits_to_kee
 `num_latents=k` runs the single window whose last k positions are latents (the model's raw forward pass).
 `labels` give the usual shifted next-token loss.
 
-Generation runs `WindowStepper` (`perceiver_cli.models.clm_decoding`), the stepper `perceiver generate` runs: with
+Generation runs `WindowStepper` (`perceiver_cli.models.clm.decoding`), the stepper `perceiver generate` runs: with
 the cache it lives in a `PerceiverARGenerationCache`, without it in the model kwargs (`decoding_state`), so both
 follow the same windows and give the same logits. The window schedule is the generation config's
 `window_schedule` ("chunked" or "sliding"), the first window's latents the `num_latents` argument of `generate()`.
@@ -28,8 +28,8 @@ from transformers import initialization as init
 from transformers.cache_utils import Cache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from perceiver_cli.models.clm import CausalLanguageModel, CausalLanguageModelConfig
-from perceiver_cli.models.clm_decoding import DEFAULT_SCHEDULE, WindowStepper, sequence_outputs
+from perceiver_cli.models.clm.model import CausalLanguageModel, CausalLanguageModelConfig
+from perceiver_cli.models.clm.decoding import DEFAULT_SCHEDULE, WindowStepper, sequence_outputs
 
 
 @dataclass
@@ -96,7 +96,8 @@ class PerceiverARGenerationCache(Cache):
 
 
 class PerceiverARCausalLMConfig(PreTrainedConfig):
-    """The fields of `CausalLanguageModelConfig`, with the same names and defaults (a test keeps them in step)."""
+    """The fields of `CausalLanguageModelConfig`, with the same names, types and defaults, plus transformers'
+    `use_cache`."""
 
     model_type = "perceiver-cli-causal-lm"  # krasserm/perceiver-io's own is "perceiver-ar-causal-language-model"
     # No max_position_embeddings: generation slides the window, so sequences may grow past max_seq_len.
@@ -106,25 +107,10 @@ class PerceiverARCausalLMConfig(PreTrainedConfig):
         "num_hidden_layers": "num_self_attention_layers",
     }
 
-    num_heads: int = 8
-    max_heads_parallel: int | None = None
-    num_self_attention_layers: int = 8
-    num_self_attention_rotary_layers: int = 1
-    self_attention_widening_factor: int = 4
-    cross_attention_widening_factor: int = 4
-    cross_attention_dropout: float = 0.5
-    post_attention_dropout: float = 0.0
-    residual_dropout: float = 0.0
-    activation_checkpointing: bool = False
-    activation_offloading: bool = False
-    vocab_size: int = 262
-    max_seq_len: int = 4096
-    max_latents: int = 512
-    num_channels: int = 512
-    output_norm: bool = False
-    output_bias: bool = True
-    abs_pos_emb: bool = True
-    init_scale: float = 0.02
+    # Declared from the backend dataclass, so that the two cannot drift apart: transformers makes a dataclass of
+    # each config class, and these annotated defaults become its fields.
+    __annotations__.update({f.name: f.type for f in fields(CausalLanguageModelConfig)})
+    vars().update({f.name: f.default for f in fields(CausalLanguageModelConfig)})
     use_cache: bool = True  # generate() with the key/value cache by default (transformers' field; not the backend's)
 
     @classmethod

@@ -16,7 +16,7 @@ from __future__ import annotations
 from typing import Callable
 
 from perceiver_cli.errors import UserError
-from perceiver_cli.models.mlm import MaskedLanguageModelConfig, TextDecoderConfig, TextEncoderConfig
+from perceiver_cli.models.mlm.model import MaskedLanguageModelConfig, TextDecoderConfig, TextEncoderConfig
 
 ARCHITECTURE = "PerceiverForMaskedLM"
 DECODER_HEADS, DECODER_QK_CHANNELS = 8, 256  # fixed in PerceiverForMaskedLM.__init__

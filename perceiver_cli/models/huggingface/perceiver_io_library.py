@@ -16,8 +16,8 @@ from dataclasses import fields
 from typing import Any, Callable
 
 from perceiver_cli.errors import UserError
-from perceiver_cli.models.clm import CausalLanguageModelConfig
-from perceiver_cli.models.mlm import MaskedLanguageModelConfig, TextDecoderConfig, TextEncoderConfig
+from perceiver_cli.models.clm.model import CausalLanguageModelConfig
+from perceiver_cli.models.mlm.model import MaskedLanguageModelConfig, TextDecoderConfig, TextEncoderConfig
 
 MLM_MODEL_TYPE = "perceiver-io-masked-language-model"
 CLM_MODEL_TYPE = "perceiver-ar-causal-language-model"

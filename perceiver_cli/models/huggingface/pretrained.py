@@ -15,15 +15,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Callable
 
-from perceiver_cli.checkpoints import LoadedModel, build_backend_model
 from perceiver_cli.errors import UserError
-from perceiver_cli.models.attention import fused_state_dict, separate_parameters, unfused_state_dict
-from perceiver_cli.models.clm_decoding import DEFAULT_SCHEDULE
+from perceiver_cli.files import atomic_directory
+from perceiver_cli.models.attention import fused_state_dict, unfused_state_dict
+from perceiver_cli.models.clm.decoding import DEFAULT_SCHEDULE
 from perceiver_cli.models.huggingface import perceiver_for_masked_lm, perceiver_io_library
 from perceiver_cli.models.huggingface.files import (
     CONFIG_FILE,
     SAFETENSORS_FILE,
-    atomic_directory,
     read_config,
     read_weights,
     save_causal_lm_tokenizer,
@@ -33,6 +32,7 @@ from perceiver_cli.models.huggingface.files import (
 )
 from perceiver_cli.models.huggingface.modeling_perceiver_ar import PerceiverARCausalLMConfig, PerceiverARForCausalLM
 from perceiver_cli.models.huggingface.remote_code import auto_map, write_modeling_file
+from perceiver_cli.models.saved_model import LoadedModel, build_backend_model
 
 # A format's reader: (config.json, source tensors) -> (our config, the source name of each of our parameters, the
 # source tensors it used otherwise, such as a buffer it checked against the config).
@@ -78,21 +78,12 @@ def load_pretrained_directory(path: Path) -> LoadedModel:
     try:
         config, name_of, checked = reader(config_json, tensors)
         model, config = build_backend_model(task, config.to_dict())
-        separate_projections = separate_projections or _exported_before_fusion(model, tensors, name_of)
     except UserError as err:
         raise UserError(f"{path}: {err.message}", err.hint) from None
     except (TypeError, ValueError) as err:
         raise UserError(f"{path}: invalid model config: {err}") from None
     _load_exactly(model, tensors, name_of, checked, path, separate_projections)
     return LoadedModel(task, model.eval(), config, tokenizer, run_config=None, source=path)
-
-
-def _exported_before_fusion(model, tensors: dict, name_of: Callable[[str], str]) -> bool:
-    """Whether a directory of ours holds separate query, key and value weights (exported before they were fused)."""
-    parts = separate_parameters(model)
-    return bool(parts) and not any(name_of(fused) in tensors for fused in parts) and all(
-        name_of(name) in tensors for names in parts.values() for name in names
-    )
 
 
 def _load_exactly(

@@ -74,16 +74,14 @@ def _dependencies_first(root: str) -> list[str]:
 
 
 def _strip(source: str) -> str:
-    """A module's source without its docstring, its `from __future__` and package imports, and a module-level
-    `__getattr__` (the backend uses one to import its Lightning wrappers lazily, which the file must not need)."""
+    """A module's source without its docstring, its `from __future__` and its imports of this package."""
     tree = ast.parse(source)
     drop = []
     for i, node in enumerate(tree.body):
         is_docstring = i == 0 and isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant)
         is_future = isinstance(node, ast.ImportFrom) and node.module == "__future__"
         is_package_import = isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == PACKAGE
-        is_lazy_attributes = isinstance(node, ast.FunctionDef) and node.name == "__getattr__"
-        if is_docstring or is_future or is_package_import or is_lazy_attributes:
+        if is_docstring or is_future or is_package_import:
             drop.append(range(node.lineno - 1, node.end_lineno))
     lines = source.splitlines()
     kept = [line for n, line in enumerate(lines) if not any(n in r for r in drop)]

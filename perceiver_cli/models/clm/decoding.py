@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
-from perceiver_cli.models.clm import (
+from perceiver_cli.models.clm.model import (
     CausalLanguageModel,
     CausalLanguageModelConfig,
     Window,
@@ -199,9 +199,9 @@ class WindowStepper:
 
     @contextlib.contextmanager
     def _kernels(self):
-        """For fp32 on the CPU, ATen's own kernels instead of oneDNN's: oneDNN sets up every call (about 12 us for
-        the GELU of one token), which made a cached step 12% slower; bf16 keeps oneDNN, whose matrix products use
-        AMX. The flag is global, so it is restored after every call."""
+        """For fp32 on the CPU, ATen's own kernels instead of oneDNN's: oneDNN's set-up cost per call outweighs a
+        single token's work (benchmarks/README.md); bf16 keeps oneDNN, whose matrix products use AMX. The flag is
+        global, so it is restored after every call."""
         enabled = torch.backends.mkldnn.enabled
         try:
             torch.backends.mkldnn.enabled = enabled and not self.native_kernels

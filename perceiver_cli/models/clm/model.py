@@ -178,11 +178,3 @@ def reusable_prefix(old: Window, new: Window) -> int:
 def latent_chunk(max_latents: int) -> int:
     return max(1, max_latents // 2)
 
-
-def __getattr__(name: str):
-    # The Lightning wrapper lives apart from the backend; import it (and Lightning) only when asked for.
-    if name == "LitCausalLanguageModel":
-        from perceiver_cli.models.lightning import LitCausalLanguageModel
-
-        return LitCausalLanguageModel
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -8,12 +8,13 @@ transformers' `PerceiverForMaskedLM` for configurations that class can express.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
 
 from perceiver_cli.models.adapters import TokenInputAdapter, tied_logits
+from perceiver_cli.models.mlm.block_routing import init_block_routing, problems
 from perceiver_cli.models.perceiver_io import (
     DecoderConfig,
     EncoderConfig,
@@ -41,6 +42,10 @@ class TextDecoderConfig(DecoderConfig):
 
 @dataclass
 class MaskedLanguageModelConfig(PerceiverIOConfig[TextEncoderConfig, TextDecoderConfig]):
+    # "random": every weight Normal(0, init_scale), as the reference; "blocks": the cross-attentions start routing
+    # blocks of bytes to latents and back (block_routing.py), which lets a small model learn from scratch.
+    routing_init: Literal["random", "blocks"] = "random"
+
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "MaskedLanguageModelConfig":
         """Inverse of `to_dict`; unknown keys are errors."""
@@ -55,6 +60,8 @@ class MaskedLanguageModel(PerceiverIO):
         enc, dec = config.encoder, config.decoder
         if enc.max_seq_len != dec.max_seq_len or enc.vocab_size != dec.vocab_size:
             raise ValueError("encoder and decoder must have the same max_seq_len and vocab_size")
+        if config.routing_init == "blocks" and problems(config):
+            raise ValueError("; ".join(f"{path}: {message}" for path, message in problems(config)))
         encoder = PerceiverEncoder(
             enc,
             input_adapter=TokenInputAdapter(enc.vocab_size, enc.max_seq_len, enc.num_input_channels),
@@ -80,6 +87,8 @@ class MaskedLanguageModel(PerceiverIO):
             with torch.no_grad():
                 self.output_linear.weight.normal_(0.0, dec.init_scale)
                 self.output_linear.bias.zero_()
+        if config.routing_init == "blocks":
+            init_block_routing(self)
 
     @property
     def max_seq_len(self) -> int:
@@ -100,11 +109,3 @@ class MaskedLanguageModel(PerceiverIO):
             return tied_logits(h, self.encoder.input_adapter.txt_embedding, self.output_bias)
         return self.output_linear(h)
 
-
-def __getattr__(name: str):
-    # The Lightning wrapper lives apart from the backend; import it (and Lightning) only when asked for.
-    if name == "LitMaskedLanguageModel":
-        from perceiver_cli.models.lightning import LitMaskedLanguageModel
-
-        return LitMaskedLanguageModel
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

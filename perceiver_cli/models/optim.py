@@ -8,8 +8,6 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from perceiver_cli.errors import UserError
-
 OPTIMIZERS = ("adam", "adamw", "lamb")
 SCHEDULERS = ("constant", "cosine")
 
@@ -65,34 +63,6 @@ def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
                 vector = isinstance(module, nn.LayerNorm) or name.endswith("bias")
                 (no_decay if vector else decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-def fused_optimizer_state(model: nn.Module, state: dict) -> dict:
-    """An optimizer state dict saved before `model`'s attention projections were fused (separate query, key and
-    value parameters) for the optimizer `build_optimizer` makes now: the parameters are renumbered in the order of
-    `parameter_groups`, and each fused parameter's moments are its parts' moments stacked like its weight."""
-    from perceiver_cli.models.attention import separate_parameters
-
-    parts = separate_parameters(model)
-    names = {id(p): name for name, p in model.named_parameters()}
-    groups = [[names[id(p)] for p in group["params"]] for group in parameter_groups(model, 0.0)]
-    old_order = [old for group in groups for name in group for old in parts.get(name, [name])]
-    old_index = {old: i for i, old in enumerate(old_order)}
-    if len(old_index) != sum(len(group["params"]) for group in state["param_groups"]):
-        raise UserError(
-            "the checkpoint's optimizer state does not match this model's trainable parameters",
-            hint="resume with the settings the run was written with (model freeze settings included)",
-        )
-    new_state, new_groups, j = {}, [], 0
-    for group, saved in zip(groups, state["param_groups"], strict=True):
-        new_groups.append(saved | {"params": list(range(j, j + len(group)))})
-        for name in group:
-            old = [state["state"].get(old_index[o]) for o in parts.get(name, [name])]
-            if all(s is not None for s in old):  # a parameter never stepped has no state
-                new_state[j] = {k: torch.cat([s[k] for s in old]) if torch.is_tensor(v) and v.dim() else v
-                                for k, v in old[0].items()}
-            j += 1
-    return {"state": new_state, "param_groups": new_groups}
 
 
 def build_optimizer(
