@@ -101,6 +101,11 @@ def fit(cfg: RunConfig, name: str, checkpoint: Path | None, console: Console, la
     """Build everything and train; returns the run directory. `launch`: who started this process."""
     quiet_libraries(launch.rank)  # before Lightning is imported: some of its notes come at import time
     import pytorch_lightning as pl
+    import torch
+
+    # Subnormal floats make the CPU's matrix products several times slower, and block routing's sharp attention
+    # (mlm-small) produces them. Flush them to zero here, before torch starts its intra-op threads: they inherit it.
+    torch.set_flush_denormal(True)
 
     from perceiver_cli.models.lightning import NonFiniteLossError
     from perceiver_cli.training.build import build_datamodule, build_lit_model, build_trainer
