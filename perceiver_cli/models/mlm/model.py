@@ -60,8 +60,9 @@ class MaskedLanguageModel(PerceiverIO):
         enc, dec = config.encoder, config.decoder
         if enc.max_seq_len != dec.max_seq_len or enc.vocab_size != dec.vocab_size:
             raise ValueError("encoder and decoder must have the same max_seq_len and vocab_size")
-        if config.routing_init == "blocks" and problems(config):
-            raise ValueError("; ".join(f"{path}: {message}" for path, message in problems(config)))
+        found = problems(config) if config.routing_init == "blocks" else []
+        if found:
+            raise ValueError("; ".join(f"{path}: {message}" for path, message in found))
         encoder = PerceiverEncoder(
             enc,
             input_adapter=TokenInputAdapter(enc.vocab_size, enc.max_seq_len, enc.num_input_channels),
