@@ -293,6 +293,10 @@ def main() -> None:
                                                        *learning.ROWS],
                         help="parts to run (default: all but learning); learning = its three rows")
     args = parser.parse_args()
+    # As `perceiver train` does, before torch starts its intra-op threads (they inherit it): subnormal attention
+    # probabilities (block routing's sharp attention) make the CPU's matrix products several times slower. Both
+    # sides of every row run under it.
+    torch.set_flush_denormal(True)
     sizes = bm.sizes(quick=args.quick)
     sizes["precisions"] = ["32"] + (["bf16-mixed"] if bf16_is_faster(sizes["peak_n"]) else [])
     args.out.mkdir(parents=True, exist_ok=True)

@@ -11,7 +11,8 @@ the embedded corpus, with the train and validation splits the data pipeline make
   project's AdamW parameter groups and warmup-cosine schedule with the preset's settings) and gradient clipping.
   BERT runs without dropout, as `mlm-small` does. Both are scored on the whole validation split, masked once with
   the validation seed (`evaluate_mlm`, the code of `perceiver eval`; BERT behind a small adapter): masked-byte loss
-  and accuracy.
+  and accuracy; the final models also by word accuracy (`evaluate_word_fill`: validation words, each masked alone,
+  filled exactly), which is what `perceiver fill-mask` shows a user.
 - CLM: `clm-small` as above, against GPT-2 (transformers' `GPT2LMHeadModel`) with the recipe of nanoGPT's README
   CPU command: 4 layers, 4 heads, 128 wide, block 64, batch 12, 2,000 iterations, AdamW 1e-3 with 100 warmup steps
   then cosine to 1e-4, beta2 0.99, weight decay 0.1, gradient clipping 1.0, no dropout, random windows of the
@@ -76,6 +77,7 @@ class Settings:
     eval_batch_tokens: int = 8192  # tokens per forward pass when evaluating (16 windows or chunks of 512)
     mlm_overrides: list[str] = field(default_factory=list)  # --set style, on top of the preset
     clm_overrides: list[str] = field(default_factory=list)
+    fill_words: int = 1000  # validation words, each masked alone, that the final MLMs fill
     bert_layers: int = 4
     bert_heads: int = 4
     bert_widths: tuple[int, ...] = (128, 160, 192, 224, 256)  # the one nearest to ours in parameters is used
@@ -102,6 +104,7 @@ def settings(quick: bool) -> Settings:
                 "trainer.limit_val_batches=2", "scheduler.warmup_steps=2", "output.sample_max_new_tokens=4"]
     return Settings(
         evaluations=1, long_evaluations=1, eval_batch_tokens=8192, mlm_overrides=tiny_mlm, clm_overrides=tiny_clm,
+        fill_words=20,
         bert_layers=1, bert_widths=(32,),
         gpt=GPTRecipe(layers=1, width=32, block=32, iterations=6, warmup=2),
         long_doc_bytes=1024, long_window=128, long_latents=64, long_gpt_block=64, long_budget_s=2.0,
@@ -157,6 +160,7 @@ class Run:
     eval_seconds: float = 0.0  # ours: the benchmark's evaluations and the preset's own validation
     curve: list[dict] = field(default_factory=list)
     step_clock: list[float] = field(default_factory=list)  # training seconds after each step
+    model: nn.Module | None = None  # the trained model, behind the interface the scorers take
 
     @property
     def final(self) -> dict:
@@ -231,6 +235,7 @@ def train_ours(cfg, name: str, datamodule, schedule: Schedule, evaluate: Callabl
     curve = LearningCurve(run, schedule, lambda: evaluate(lit.model))
     trainer.callbacks.append(curve)  # after the checkpoint and sample callbacks: their validation work is excluded
     trainer.fit(lit, datamodule=datamodule)
+    run.model = lit.model
     return run
 
 
@@ -340,6 +345,18 @@ def mlm_scorer(cfg, datamodule, batch_size: int) -> Callable[[nn.Module], dict]:
     return score
 
 
+def word_fill(model: nn.Module, cfg, datamodule, s: Settings) -> dict:
+    """`evaluate_word_fill` (the word accuracy of `perceiver eval`) on the validation split."""
+    from perceiver_cli.evaluation import evaluate_word_fill
+
+    started = time.perf_counter()
+    result = evaluate_word_fill(model, datamodule.tokenizer, datamodule.chunks["validation"], s.fill_words,
+                                seed=cfg.trainer.seed)
+    print(f"    words filled exactly: {result['word_accuracy']:.1%} of {result['words']} "
+          f"(evaluated in {time.perf_counter() - started:.1f} s)", flush=True)
+    return result
+
+
 def clm_stream(texts: list[str]) -> tuple[list[int], int]:
     """The token stream `perceiver eval` scores (`[EOS] doc1 [EOS] doc2 ...`) and its bytes."""
     from perceiver_cli.data.tokenizer import load_tokenizer
@@ -421,6 +438,7 @@ def train_bert(bert: nn.Module, cfg, datamodule, schedule: Schedule, evaluate: C
                 break
         epoch += 1
     run.steps, run.train_seconds, run.eval_seconds = step, run.final["seconds"], round(clock.excluded, 2)
+    run.model = adapter
     return run
 
 
@@ -489,7 +507,8 @@ def mlm_row(s: Settings, out: Path, runs: Path, record) -> None:
     theirs = train_bert(bert, cfg, datamodule, Schedule(evenly(total, s.evaluations), at_seconds=ours.train_seconds),
                         score)
     tokens = total * cfg.data.batch_size * cfg.data.max_seq_len
-    extra = {"runs": runs_json(ours, theirs), "token_budget": tokens}
+    words = {run.label: word_fill(run.model, cfg, datamodule, s) for run in (ours, theirs)}
+    extra = {"runs": runs_json(ours, theirs), "token_budget": tokens, "word_fill": words}
     print(f"  {ours.label}: {ours.parameters:,} parameters; {theirs.label}: {theirs.parameters:,}", flush=True)
     record("learning: MLM masked-byte accuracy, same tokens (mlm-small vs BERT)", 100 * ours.final["accuracy"],
            100 * theirs.final["accuracy"], "%", f"{total} steps x {cfg.data.batch_size} x {cfg.data.max_seq_len}",
@@ -498,6 +517,9 @@ def mlm_row(s: Settings, out: Path, runs: Path, record) -> None:
            "whole validation split, fixed masks", higher_is_better=False)
     record("learning: MLM training time, same tokens", ours.train_seconds, theirs.train_seconds, "s",
            "evaluation excluded", higher_is_better=False)
+    record("learning: MLM words filled exactly, each masked alone", 100 * words[ours.label]["word_accuracy"],
+           100 * words[theirs.label]["word_accuracy"], "%",
+           f"{words[ours.label]['words']} validation words, the final models (what `perceiver fill-mask` shows)")
     at = theirs.at(ours.train_seconds)
     record("learning: MLM masked-byte accuracy at equal time", 100 * ours.final["accuracy"], 100 * at["accuracy"], "%",
            f"BERT at {at['seconds']:.0f} s (step {at['step']}), ours at its end ({ours.train_seconds:.0f} s)")

@@ -17,7 +17,9 @@ per byte is the loss / ln 2.
 Masked LM. Chunks as in training, masked as in training's validation: static masks drawn from the seed and each
 chunk's index, so a run's evaluation repeats exactly. Loss and accuracy are over the selected tokens (BERT's 80/10/10
 rule: most became [MASK], some a random token, some stayed). Perplexity is not reported: a masked LM defines no
-probability of a text.
+probability of a text. Word accuracy is what `perceiver fill-mask` shows a user: words of the split (runs of
+letters), drawn from the seed, each masked alone (one mask token per token of the word) in its chunk, and counted
+when the most likely token at every masked position is the word's own.
 """
 
 from __future__ import annotations
@@ -209,3 +211,56 @@ def evaluate_mlm(
         "masked_tokens": num_masked,
         "sequences": rows.num_rows,
     }
+
+
+def evaluate_word_fill(model, tokenizer, chunks, num_words: int = 500, seed: int = 0, batch_size: int = 16) -> dict:
+    """Share of `num_words` words of `chunks` that the model fills exactly when each is masked alone (module doc).
+    A word is a whole-word-masking unit of letters only, with regular tokens on both sides (so not cut by the chunk's
+    edge); the draw depends on `seed` and the chunks only."""
+    from perceiver_cli.data.masking import WordUnits
+
+    units = WordUnits(tokenizer, whole_words=True)
+    rows = chunks.with_format("numpy")
+    words = []  # (chunk index, first position, length) of every candidate word
+    for index in range(rows.num_rows):
+        ids = torch.as_tensor(rows[index]["input_ids"], dtype=torch.long)
+        unit, count = units.unit_ids(ids)
+        if not count:
+            continue
+        starts = ((unit >= 0) & (unit != F.pad(unit[:-1], (1, 0), value=-1))).nonzero()[:, 0]  # units in order
+        lengths = torch.bincount(unit[unit >= 0], minlength=count)
+        for start, length in zip(starts.tolist(), lengths.tolist()):
+            stop = start + length
+            if start == 0 or stop >= len(ids) or unit[start - 1] < 0 or unit[stop] < 0:
+                continue  # at the chunk's edge or beside a special token: perhaps a cut word
+            if tokenizer.decode(ids[start:stop].tolist()).isalpha():
+                words.append((index, start, length))
+    if not words:
+        raise UserError("there is no word to fill: the split has no run of letters between other tokens")
+    order = torch.randperm(len(words), generator=torch.Generator().manual_seed(seed))[:num_words].tolist()
+    chosen = [words[i] for i in order]
+
+    device = next(model.parameters()).device
+    pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    by_length: dict[int, list] = {}  # one output shape per batch
+    for word in chosen:
+        by_length.setdefault(word[2], []).append(word)
+    model.eval()
+    correct = 0
+    for group in by_length.values():
+        for first in range(0, len(group), batch_size):
+            batch = group[first:first + batch_size]
+            inputs = [torch.as_tensor(rows[index]["input_ids"], dtype=torch.long) for index, _, _ in batch]
+            x = torch.nn.utils.rnn.pad_sequence(inputs, batch_first=True, padding_value=pad_token_id)  # (B, M)
+            pad_mask = torch.nn.utils.rnn.pad_sequence(
+                [torch.zeros(len(ids), dtype=torch.bool) for ids in inputs], batch_first=True, padding_value=True
+            )  # (B, M), True at padding
+            positions = torch.stack([torch.arange(start, start + length) for _, start, length in batch])  # (B, L)
+            targets = x.gather(1, positions)  # (B, L)
+            x.scatter_(1, positions, tokenizer.mask_token_id)
+            with torch.inference_mode():
+                logits = model(
+                    x.to(device), pad_mask.to(device) if pad_mask.any() else None, output_positions=positions.to(device)
+                )  # (B, L, V)
+            correct += int((logits.argmax(dim=-1).cpu() == targets).all(dim=1).sum())
+    return {"word_accuracy": correct / len(chosen), "words": len(chosen)}

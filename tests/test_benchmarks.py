@@ -45,6 +45,7 @@ def test_quick_learning_benchmark_scores_every_validation_byte_of_both_sides(tmp
     names = [row["name"] for row in rows]
     for prefix in ("learning: MLM masked-byte accuracy, same tokens", "learning: MLM masked-byte loss",
                    "learning: MLM training time", "learning: MLM masked-byte accuracy at equal time",
+                   "learning: MLM words filled exactly",
                    "learning: CLM bits per byte at GPT's training time", "learning: CLM bits per byte at the end",
                    "learning: CLM training time", "learning: long-context CLM bits per byte at equal time"):
         assert sum(name.startswith(prefix) for name in names) == 1, prefix
@@ -63,7 +64,9 @@ def test_quick_learning_benchmark_scores_every_validation_byte_of_both_sides(tmp
                     assert point["scored_tokens"] == point["bytes"] >= validation_bytes, point
                 else:
                     assert point["scored_tokens"] == validation_bytes, (kind, run["label"], point)
-    # The two masked LMs are scored on the same masks.
+    # The two masked LMs are scored on the same masks, and fill the same number of words.
     assert len({point["masked_tokens"] for run in curves["MLM"] for point in run["curve"]}) == 1
+    words = next(row for row in rows if row["name"].startswith("learning: MLM masked-byte accuracy, same"))["word_fill"]
+    assert len(words) == 2 and {fill["words"] for fill in words.values()} == {20}
     for plot in ("learning-mlm.png", "learning-clm.png", "learning-long.png"):
         assert (tmp_path / plot).read_bytes()[:4] == b"\x89PNG", plot

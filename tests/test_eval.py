@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from perceiver_cli.data.tokenizer import load_tokenizer
-from perceiver_cli.evaluation import clm_token_stream, clm_windows, evaluate_clm
+from perceiver_cli.evaluation import clm_token_stream, clm_windows, evaluate_clm, evaluate_word_fill
 from perceiver_cli.models.clm import CausalLanguageModel
 from perceiver_cli.models.mlm import MaskedLanguageModel
 from tiny_models import tiny_clm_config, tiny_mlm_config
@@ -126,11 +126,75 @@ def test_mlm_eval_reports_masked_loss_and_accuracy_but_no_perplexity(runs, capsy
     status, out, _ = run_cli(capsys, *args)
     assert status == 0
     result = json.loads(out)
-    assert {"loss", "accuracy", "masked_tokens", "sequences"} <= set(result)
+    assert {"loss", "accuracy", "masked_tokens", "sequences", "word_accuracy", "words"} <= set(result)
     assert "perplexity" not in result and "bits_per_byte" not in result
     assert 0 <= result["accuracy"] <= 1 and result["masked_tokens"] > 0
+    assert 0 <= result["word_accuracy"] <= 1 and result["words"] > 0
     _, again, _ = run_cli(capsys, *args)
-    assert json.loads(again)["loss"] == result["loss"]  # static masks: the same every time
+    again = json.loads(again)
+    assert (again["loss"], again["word_accuracy"]) == (result["loss"], result["word_accuracy"])  # fixed draws
+    _, without_words, _ = run_cli(capsys, *args, "--words", "0")
+    assert "word_accuracy" not in json.loads(without_words)
+
+
+class Oracle(torch.nn.Module):
+    """A masked LM that knows the chunks: it finds the chunk behind each masked row and predicts its tokens, except
+    at the positions in `wrong_at` (offsets into the masked word), where it predicts [PAD]. It records what it saw."""
+
+    def __init__(self, chunks: list[list[int]], mask_id: int, wrong_at: tuple[int, ...] = ()):
+        super().__init__()
+        self.chunks, self.mask_id, self.wrong_at, self.seen = chunks, mask_id, wrong_at, []
+        self.dummy = torch.nn.Parameter(torch.zeros(1))
+
+    def forward(self, x, pad_mask=None, output_positions=None):
+        logits = torch.zeros(*output_positions.shape, 262)
+        for b, (row, positions) in enumerate(zip(x.tolist(), output_positions.tolist())):
+            original = next(c for c in self.chunks
+                            if len(c) <= len(row) and all(r in (t, self.mask_id) for r, t in zip(row, c)))
+            self.seen.append((original, row[:len(original)], positions))
+            for k, p in enumerate(positions):
+                logits[b, k, 0 if k in self.wrong_at else original[p]] = 1.0
+        return logits
+
+
+def word_fill_chunks():
+    from datasets import Dataset
+
+    tokenizer = load_tokenizer("utf8")
+    texts = ["Return the number of bytes, or None.", "x = 1 if the flag is set", "an ünïcode word list here"]
+    chunks = [tokenizer(text)["input_ids"] for text in texts]  # [CLS] bytes [SEP], of different lengths
+    return tokenizer, chunks, Dataset.from_dict({"input_ids": chunks})
+
+
+def test_word_fill_masks_whole_words_of_letters_alone_and_counts_exact_fills():
+    tokenizer, chunks, dataset = word_fill_chunks()
+    oracle = Oracle(chunks, tokenizer.mask_token_id)
+    result = evaluate_word_fill(oracle, tokenizer, dataset, num_words=100, seed=0, batch_size=4)
+    assert result == {"word_accuracy": 1.0, "words": len(oracle.seen)}
+    filled = []
+    for original, masked, positions in oracle.seen:
+        assert positions == list(range(positions[0], positions[-1] + 1))  # one word, all of its tokens
+        assert all(masked[p] == tokenizer.mask_token_id for p in positions)
+        assert [t for p, t in enumerate(masked) if p not in positions] == [
+            t for p, t in enumerate(original) if p not in positions]  # nothing else changed
+        filled.append(tokenizer.decode(original[positions[0]:positions[-1] + 1]))
+    # Every word of letters between other tokens, each once: not "bytes," or "None." (punctuation), "Return", "x",
+    # "an" and "here" (beside [CLS] or [SEP]: perhaps cut by the chunk's edge), nor "1" and "=".
+    expected = ["the", "number", "of", "or", "if", "the", "flag", "is", "ünïcode", "word", "list"]
+    assert sorted(filled) == sorted(expected)
+
+
+def test_word_fill_counts_a_word_with_one_wrong_token_as_wrong_and_draws_by_seed():
+    tokenizer, chunks, dataset = word_fill_chunks()
+    wrong_second = Oracle(chunks, tokenizer.mask_token_id, wrong_at=(1,))  # every word of two letters or more fails
+    result = evaluate_word_fill(wrong_second, tokenizer, dataset, num_words=100, seed=0)
+    assert result == {"word_accuracy": 0.0, "words": 11}
+    draws = []
+    for seed in (0, 0, 1):
+        oracle = Oracle(chunks, tokenizer.mask_token_id)
+        evaluate_word_fill(oracle, tokenizer, dataset, num_words=3, seed=seed)
+        draws.append(sorted(tuple(positions) for _, _, positions in oracle.seen))
+    assert draws[0] == draws[1] != draws[2] and len(draws[0]) == 3
 
 
 def test_table_by_default(runs, capsys):
@@ -146,6 +210,7 @@ def test_table_by_default(runs, capsys):
         (["eval", "--split", "test"], "unknown split 'test'"),
         (["eval", "--limit", "0"], "--limit must be at least 1"),
         (["eval", "--batch-size", "0"], "--batch-size must be at least 1"),
+        (["eval", "--words", "-1"], "--words must be 0"),
         (["eval", "--model", CLM, "--source", "nowhere"], "unknown data source 'nowhere'"),
         (["eval", "--model", CLM, "--path", "missing.txt"], "does not exist"),
         (["eval", "--model", CLM, "--source", "files"], "needs a path"),

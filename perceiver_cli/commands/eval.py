@@ -30,6 +30,9 @@ def evaluate(
     text_column: Annotated[str | None, typer.Option(help="The column that holds the text.")] = None,
     limit: Annotated[int | None, typer.Option(help="Evaluate the first N documents only (a quick check).")] = None,
     batch_size: Annotated[int | None, typer.Option(help="Sequences per batch (default: the run's).")] = None,
+    words: Annotated[
+        int, typer.Option(help="Masked LM: words to fill, each masked alone, for the word accuracy (0: none).")
+    ] = 500,
     json_output: Annotated[bool, typer.Option("--json", help="Print the results as one JSON object.")] = False,
     device: Annotated[str, typer.Option(help="cpu, cuda, cuda:N or mps.")] = "cpu",
     tasks: Annotated[
@@ -78,6 +81,8 @@ def evaluate(
         raise UserError(f"--limit must be at least 1 document, got {limit}")
     if batch_size is not None and batch_size < 1:
         raise UserError(f"--batch-size must be at least 1, got {batch_size}")
+    if words < 0:
+        raise UserError(f"--words must be 0 (no word accuracy) or more, got {words}")
     loaded = choose_model(model, None, device=resolve_device(device))
     run_config = loaded.run_config or {}
     data = data_source(run_config.get("data") or {}, source, path, name, config_name, text_column)
@@ -99,7 +104,9 @@ def evaluate(
 
     tokenizer = load_tokenizer(loaded.tokenizer, padding_side="left" if loaded.task == "clm" else "right")
     with _progress_bar() as progress:
-        metrics = _run(loaded, tokenizer, documents, split, batch_size, run_config, seed, progress, schedule, no_cache)
+        metrics = _run(
+            loaded, tokenizer, documents, split, batch_size, run_config, seed, progress, schedule, no_cache, words
+        )
 
     result = {
         "task": loaded.task,
@@ -170,8 +177,16 @@ def data_source(
     return data
 
 
-def _run(loaded, tokenizer, documents, split, batch_size, run_config, seed, progress, schedule, no_cache) -> dict:
-    from perceiver_cli.evaluation import clm_token_stream, evaluate_clm, evaluate_clm_generation, evaluate_mlm
+def _run(
+    loaded, tokenizer, documents, split, batch_size, run_config, seed, progress, schedule, no_cache, words
+) -> dict:
+    from perceiver_cli.evaluation import (
+        clm_token_stream,
+        evaluate_clm,
+        evaluate_clm_generation,
+        evaluate_mlm,
+        evaluate_word_fill,
+    )
 
     if schedule is not None and loaded.task != "clm":
         raise UserError("--schedule is for causal LMs: a masked LM does not generate")
@@ -190,7 +205,7 @@ def _run(loaded, tokenizer, documents, split, batch_size, run_config, seed, prog
     chunks = tokenize_and_chunk(
         DatasetDict({split: documents}), tokenizer, task="mlm", max_seq_len=loaded.model.max_seq_len
     )[split]
-    return evaluate_mlm(
+    result = evaluate_mlm(
         loaded.model,
         tokenizer,
         chunks,
@@ -200,6 +215,9 @@ def _run(loaded, tokenizer, documents, split, batch_size, run_config, seed, prog
         seed=seed,
         progress=progress,
     )
+    if words:
+        result |= evaluate_word_fill(loaded.model, tokenizer, chunks, num_words=words, seed=seed, batch_size=batch_size)
+    return result
 
 
 @contextmanager
