@@ -37,7 +37,8 @@ def test_quick_learning_benchmark_scores_every_validation_byte_of_both_sides(tmp
     texts = [json.loads(line)["text"] for line in embedded_corpus_files()["validation"].read_text().splitlines()]
     validation_bytes = sum(len(text.encode("utf-8")) + 1 for text in texts if text.strip())  # + 1: end of text
     result = subprocess.run(
-        [sys.executable, "-m", "benchmarks", "--quick", "--only", "learning", "--out", str(tmp_path)],
+        [sys.executable, "-m", "benchmarks", "--quick", "--only", "learning", "--out", str(tmp_path),
+         "--set", "mlm-small:trainer.max_steps=4"],
         cwd=ROOT, capture_output=True, text=True, timeout=600, check=False,
     )
     assert result.returncode == 0, result.stderr
@@ -64,6 +65,7 @@ def test_quick_learning_benchmark_scores_every_validation_byte_of_both_sides(tmp
                     assert point["scored_tokens"] == point["bytes"] >= validation_bytes, point
                 else:
                     assert point["scored_tokens"] == validation_bytes, (kind, run["label"], point)
+    assert [run["steps"] for run in curves["MLM"]] == [4, 4]  # --set reached the preset, and BERT's step count
     # The two masked LMs are scored on the same masks, and fill the same number of words.
     assert len({point["masked_tokens"] for run in curves["MLM"] for point in run["curve"]}) == 1
     words = next(row for row in rows if row["name"].startswith("learning: MLM masked-byte accuracy, same"))["word_fill"]
