@@ -295,10 +295,12 @@ def main() -> None:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="PRESET:KEY=VALUE",
                         help="learning rows: override a preset value, e.g. mlm-small:trainer.max_steps=1000")
     args = parser.parse_args()
+    overrides = {"mlm-small": [], "clm-small": []}  # preset -> its --set overrides
     for override in args.overrides:
         preset, _, setting = override.partition(":")
-        if preset not in ("mlm-small", "clm-small") or "=" not in setting:
+        if preset not in overrides or "=" not in setting:
             parser.error(f"--set {override!r}: use mlm-small:key=value or clm-small:key=value")
+        overrides[preset].append(setting)
     # As `perceiver train` does, before torch starts its intra-op threads (they inherit it): subnormal attention
     # probabilities (block routing's sharp attention) make the CPU's matrix products several times slower. Both
     # sides of every row run under it.
@@ -328,7 +330,7 @@ def main() -> None:
         if "help" in wanted:
             help_row()
         if wanted & set(learning.ROWS):
-            plots += learning.learning_rows(wanted, args.quick, args.out, row, args.overrides)
+            plots += learning.learning_rows(wanted, args.quick, args.out, row, overrides)
     print_table()
     machine = {"processor": cpu_name(), "machine": platform.machine(), "cpus": os.cpu_count(),
                "threads": torch.get_num_threads(), "torch": torch.__version__, "quick": args.quick,

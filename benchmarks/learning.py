@@ -662,22 +662,20 @@ def plot_curves(path: Path, runs: list[Run], metrics: list[tuple[str, str]], tit
     plt.close(fig)
 
 
-def learning_rows(wanted: set[str], quick: bool, out: Path, record, overrides: list[str] = ()) -> list[str]:
+def learning_rows(wanted: set[str], quick: bool, out: Path, record,
+                  overrides: dict[str, list[str]] | None = None) -> list[str]:
     """Run the rows of `wanted` (names of ROWS) and return the names of the plots they wrote into `out`.
     `record(name, ours, theirs, unit, note, higher_is_better=True, extra=None)` records one row of the table.
-    `overrides`: "mlm-small:key=value" or "clm-small:key=value" (checked by the caller), added to that preset's
-    `--set` overrides (the long row's clm-small too)."""
+    `overrides`: preset name ("mlm-small", "clm-small") -> `--set` overrides added to its own (clm-small's reach the
+    long row too)."""
     from perceiver_cli.training.run import quiet_libraries
 
     quiet_libraries(0)  # no progress bar per tokenized split, no Lightning banners
     s = settings(quick)
-    for override in overrides:
-        preset, _, setting = override.partition(":")
-        if preset == "mlm-small":
-            s.mlm_overrides.append(setting)
-        else:
-            s.clm_overrides.append(setting)
-            s.long_overrides.append(setting)
+    overrides = overrides or {}
+    s.mlm_overrides += overrides.get("mlm-small", [])
+    s.clm_overrides += overrides.get("clm-small", [])
+    s.long_overrides += overrides.get("clm-small", [])
     plots = []
     with tempfile.TemporaryDirectory() as runs:  # the training runs' checkpoints and logs are not results
         for name, make_row in (("learning-mlm", mlm_row), ("learning-clm", clm_row),

@@ -224,14 +224,10 @@ def evaluate_word_fill(model, tokenizer, chunks, num_words: int = 500, seed: int
     words = []  # (chunk index, first position, length) of every candidate word
     for index in range(rows.num_rows):
         ids = torch.as_tensor(rows[index]["input_ids"], dtype=torch.long)
-        unit, count = units.unit_ids(ids)
-        if not count:
-            continue
-        starts = ((unit >= 0) & (unit != F.pad(unit[:-1], (1, 0), value=-1))).nonzero()[:, 0]  # units in order
-        lengths = torch.bincount(unit[unit >= 0], minlength=count)
-        for start, length in zip(starts.tolist(), lengths.tolist()):
+        special = units.special[ids]
+        for start, length in units.spans(ids):
             stop = start + length
-            if start == 0 or stop >= len(ids) or unit[start - 1] < 0 or unit[stop] < 0:
+            if start == 0 or stop >= len(ids) or special[start - 1] or special[stop]:
                 continue  # at the chunk's edge or beside a special token: perhaps a cut word
             if tokenizer.decode(ids[start:stop].tolist()).isalpha():
                 words.append((index, start, length))

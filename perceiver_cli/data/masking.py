@@ -59,6 +59,13 @@ class WordUnits:
         units[~maskable] = -1
         return units, int(starts.sum())
 
+    def spans(self, ids: torch.Tensor) -> list[tuple[int, int]]:
+        """(first position, length) of each unit of a 1-D tensor of token ids, in order."""
+        units, count = self.unit_ids(ids)
+        first = (units >= 0) & (units != torch.cat([units.new_full((1,), -1), units[:-1]]))
+        lengths = torch.bincount(units[units >= 0], minlength=count)
+        return list(zip(first.nonzero()[:, 0].tolist(), lengths.tolist()))
+
 
 def _convention(tokens: list, special_ids: set[int]) -> str:
     regular = [t for i, t in enumerate(tokens) if i not in special_ids and isinstance(t, str)]
