@@ -237,10 +237,16 @@ runs = {{
                                    use_cache=use_cache)[0, 6:].tolist()
     for use_cache in (True, False)
 }}
+# Assisted decoding and prompt lookup crop the cache (transformers 5.25 first calls activate_past_recording with an
+# argument): both must still give the greedy tokens.
+repeated = torch.cat([prompt, prompt], dim=1)
+greedy = model.generate(repeated, max_new_tokens=10, do_sample=False)
+runs["lookup"] = model.generate(repeated, max_new_tokens=10, do_sample=False, prompt_lookup_num_tokens=3).equal(greedy)
+runs["assisted"] = model.generate(repeated, max_new_tokens=10, do_sample=False, assistant_model=model).equal(greedy)
 print(json.dumps({{"module": type(model).__module__, "class": type(model).__name__, "tokens": runs}}))
 """
     result, isolation = run_isolated(script, cwd=tmp_path)
     assert isolation == {"perceiver_cli_imported": False, "perceiver_cli_importable": False}
     assert result["class"] == "PerceiverARForCausalLM"
     assert result["module"].startswith("transformers_modules.")
-    assert result["tokens"] == {"True": expected, "False": expected}
+    assert result["tokens"] == {"True": expected, "False": expected, "lookup": True, "assisted": True}

@@ -29,7 +29,8 @@ from transformers.cache_utils import Cache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from perceiver_cli.models.clm.model import CausalLanguageModel, CausalLanguageModelConfig
-from perceiver_cli.models.clm.decoding import DEFAULT_SCHEDULE, WindowStepper, sequence_outputs
+from perceiver_cli.models.clm.decoding import WindowStepper, sequence_outputs
+from perceiver_cli.models.clm.windows import DEFAULT_SCHEDULE
 
 
 @dataclass
@@ -71,8 +72,14 @@ class PerceiverARGenerationCache(Cache):
     def reset(self) -> None:
         self.stepper.reset()
 
-    def activate_past_recording(self) -> None:
-        pass  # the stepper keeps its windows' history anyway
+    # Assisted decoding asks the cache to record its past before it crops it: transformers 5.24 calls this with no
+    # argument, 5.25 with `recurrent_states_to_keep` (for linear-attention layers). The stepper keeps its windows'
+    # history anyway, so both are accepted and nothing is recorded; no recurrent state is ever kept.
+    def activate_past_recording(self, recurrent_states_to_keep: int | None = None, **kwargs) -> None:
+        pass
+
+    def get_recurrent_states_to_keep(self, layer_idx: int | None = None) -> int:
+        return 0  # transformers 5.25's base class takes the max over `layers`, which is empty here
 
     @property
     def is_compileable(self) -> bool:
