@@ -61,9 +61,10 @@ ModelSection = Annotated[MLMModelSection | CLMModelSection, Field(discriminator=
 class DataSection(Section):
     source: Literal["embedded", "files", "hub"] = "embedded"
     path: str | None = None  # files: a file, a directory or a glob
-    name: str | None = None  # hub: dataset name, e.g. "wikitext"
+    name: str | None = None  # hub: dataset name, e.g. "wikitext"; embedded: "prose" (unset), "modules" or "code"
     config_name: str | None = None  # hub: dataset configuration, e.g. "wikitext-103-raw-v1"
     text_column: str = "text"
+    document: Literal["paragraph", "line", "file"] = "paragraph"  # files: what one document of a .txt file is
     tokenizer: str = "utf8"  # "utf8" (UTF-8 bytes, vocab 262) or a local Hugging Face tokenizer directory
     vocab_size: int | None = Field(default=None, gt=0)  # only when the tokenizer cannot be read (dry runs)
     max_seq_len: int = Field(default=512, gt=0)
@@ -283,6 +284,7 @@ def _check_run(cfg: RunConfig) -> list[tuple[str, str]]:
         errors.append(("data.path", "source = \"files\" needs a path (a file, a directory or a glob)"))
     if cfg.data.source == "hub" and not cfg.data.name:
         errors.append(("data.name", "source = \"hub\" needs a dataset name, e.g. \"wikitext\""))
+    errors += _check_data_document(cfg.data)
     t = cfg.trainer
     if t.max_steps == -1 and t.max_epochs is None and t.max_time is None:
         errors.append(("trainer.max_steps", "set max_steps, max_epochs or max_time, or the run never ends"))
@@ -293,6 +295,25 @@ def _check_run(cfg: RunConfig) -> list[tuple[str, str]]:
     if isinstance(t.val_check_interval, float) and t.val_check_interval > 1.0:
         errors.append(("trainer.val_check_interval", "a fraction of an epoch must be at most 1.0; use an int for steps"))
     return errors + _check_fsdp(cfg)
+
+
+def _check_data_document(data: DataSection) -> list[tuple[str, str]]:
+    from perceiver_cli.data.corpus import CORPORA
+    from perceiver_cli.data.sources import BUILDERS
+
+    errors = []
+    if data.source == "embedded" and data.name is not None and data.name not in CORPORA:
+        errors.append(("data.name", f"unknown embedded corpus {data.name!r}: use one of {', '.join(CORPORA)} "
+                                    "or leave it unset"))
+    if data.document != "paragraph":
+        suffix = Path(data.path or "").suffix.lower()  # of a file or a glob; a directory has none
+        if data.source != "files":
+            errors.append(("data.document", f"applies to .txt files of source = \"files\", not to source = "
+                                            f"\"{data.source}\": leave it unset"))
+        elif suffix in BUILDERS and suffix != ".txt":
+            errors.append(("data.document", f"applies to .txt files, not to {suffix} files (each row already is "
+                                            "one document): leave it unset"))
+    return errors
 
 
 def _check_fsdp(cfg: RunConfig) -> list[tuple[str, str]]:

@@ -4,10 +4,16 @@ loss and accuracy for a masked LM.
 Causal LM. The documents are tokenized as for training (each followed by the end-of-text token) and joined into
 one stream that starts with an end-of-text token, as if a previous document had just ended: so every token of every
 document, and every end-of-text token, is predicted, and none is predicted from nothing. The stream is scored with a
-strided sliding window (as in Hugging Face's perplexity guide): windows of up to `max_seq_len` tokens, each
-`max_latents` tokens further than the last, each scoring only the tokens the previous window did not score, all of
-them at latent positions (Perceiver AR predicts from latents only). Every token is scored exactly once, with a
+strided sliding window (as in Hugging Face's perplexity guide; `perceiver_cli.models.clm.windows.scoring_windows`):
+windows of up to `max_seq_len` tokens, each `max_latents` tokens (the stride) further than the last, each scoring
+only the tokens the previous window did not score, all of them at latent positions (Perceiver AR predicts from
+latents only; the latents of a window are its last `stride` positions). Every token is scored exactly once, with a
 context of `max_seq_len - max_latents + 1` to `max_seq_len` tokens once the stream is that long.
+
+With a context N (`--context`), the windows are min(N, max_seq_len) tokens long and the stride min(max_latents,
+N // 4), at least 1: every token is scored with N - stride + 1 to N tokens of context, about 3/4 N to N. A context
+curve (`--context-curve`) repeats that for N = 64, 256, 1024, ... and the window, to show how much the model gains
+from the context it reads.
 
 Bits per byte = total negative log-likelihood / ln 2 / bytes, where bytes are the UTF-8 bytes of the documents plus
 one per end-of-text token (the separator, like the newline between documents in a text file). It does not depend on
@@ -32,6 +38,7 @@ import torch.nn.functional as F
 
 from perceiver_cli.data.masking import IGNORE_INDEX
 from perceiver_cli.errors import UserError
+from perceiver_cli.models.clm.windows import left_pad, scoring_windows
 
 Progress = Callable[[int, int], None]  # (batches done, batches in all)
 
@@ -57,46 +64,59 @@ def clm_token_stream(tokenizer, texts: list[str]) -> tuple[list[int], int]:
     return stream, num_bytes
 
 
-def clm_windows(num_tokens: int, max_seq_len: int, max_latents: int) -> list[tuple[int, int, int]]:
-    """Windows (lo, hi, k) over a stream of `num_tokens` tokens: the inputs are tokens lo .. hi-1, the targets
-    tokens lo+1 .. hi, and the last k targets are scored. Together they score tokens 1 .. num_tokens-1 once each."""
-    windows = []
-    scored_until = 0  # the last token scored so far
-    while scored_until < num_tokens - 1:
-        hi = min(scored_until + max_latents, num_tokens - 1)
-        windows.append((max(0, hi - max_seq_len), hi, hi - scored_until))
-        scored_until = hi
-    return windows
+def context_window(max_seq_len: int, max_latents: int, context: int | None = None) -> tuple[int, int]:
+    """(window length, stride) that score every token with at most `context` tokens of context: windows of
+    min(context, max_seq_len) tokens, each scoring its last min(max_latents, context // 4) (at least 1), so that a
+    token sees between about 3/4 of the context and all of it. Without a context: the model's own window and
+    latents, the most context it reads."""
+    if context is None:
+        return max_seq_len, max_latents
+    if not 1 <= context <= max_seq_len:
+        raise UserError(f"--context must be 1 to the model's window ({max_seq_len} tokens), got {context}")
+    return min(context, max_seq_len), min(max_latents, max(1, context // 4))
+
+
+def curve_contexts(max_seq_len: int) -> list[int]:
+    """The contexts of a context curve: 64, 256, 1024, ... (powers of 4 from 64) below the window, and the window."""
+    contexts = []
+    context = 64
+    while context < max_seq_len:
+        contexts.append(context)
+        context *= 4
+    return contexts + [max_seq_len]
 
 
 def evaluate_clm(
-    model, stream: list[int], num_bytes: int, batch_size: int, pad_token_id: int = 0, progress: Progress | None = None
+    model,
+    stream: list[int],
+    num_bytes: int,
+    batch_size: int,
+    pad_token_id: int = 0,
+    progress: Progress | None = None,
+    context: int | None = None,
 ) -> dict:
-    """Loss (nats per token), perplexity and bits per byte of `stream` (see `clm_token_stream`)."""
+    """Loss (nats per token), perplexity and bits per byte of `stream` (see `clm_token_stream`), every token scored
+    once by the strided window, with at most `context` tokens of context when given (see `context_window`)."""
     if len(stream) < 2:
         raise UserError("there is no text to evaluate: the split has no non-empty document")
+    length, stride = context_window(model.max_seq_len, model.max_latents, context)
     device = next(model.parameters()).device
-    tokens = torch.tensor(stream, dtype=torch.long)
-    windows = clm_windows(len(stream), model.max_seq_len, model.max_latents)
+    tokens = torch.tensor(stream, dtype=torch.long, device=device)
+    # Input positions 0 .. N-2 of the stream, position i predicting token i + 1; in a window lo .. hi-1, the last k.
+    windows = scoring_windows(len(stream) - 1, length, stride)
     batches = [windows[i : i + batch_size] for i in range(0, len(windows), batch_size)]
     total_nll, num_scored = 0.0, 0
     model.eval()
     for done, batch in enumerate(batches, start=1):
-        # Left-pad the windows of a batch to the same length n; the latents are the last positions.
-        n = max(hi - lo for lo, hi, _ in batch)
-        x = torch.full((len(batch), n), pad_token_id, dtype=torch.long)
-        labels = torch.full((len(batch), n), IGNORE_INDEX, dtype=torch.long)
-        pad_mask = torch.ones((len(batch), n), dtype=torch.bool)
-        for row, (lo, hi, k) in enumerate(batch):
-            x[row, n - (hi - lo) :] = tokens[lo:hi]
-            labels[row, n - k :] = tokens[hi - k + 1 : hi + 1]  # only the tokens no earlier window scored
-            pad_mask[row, n - (hi - lo) :] = False
-        prefix_len = max(0, n - model.max_latents)
+        # The windows of a batch left-padded to the same length n; the latents are the last `stride` positions.
+        x, pad_mask = left_pad([tokens[lo:hi] for lo, hi, _ in batch], pad_token_id)  # (W, n)
+        labels = torch.full_like(x, IGNORE_INDEX)
+        for row, (_, hi, k) in enumerate(batch):
+            labels[row, x.shape[1] - k :] = tokens[hi - k + 1 : hi + 1]  # only the tokens no earlier window scored
+        prefix_len = max(0, x.shape[1] - stride)
         with torch.inference_mode():
-            logits = model(x.to(device), prefix_len, pad_mask=pad_mask.to(device) if pad_mask.any() else None)
-        nll = F.cross_entropy(
-            logits.float().flatten(0, 1), labels[:, prefix_len:].flatten().to(device), reduction="sum"
-        )
+            logits = model(x, prefix_len, pad_mask=pad_mask)
+        nll = F.cross_entropy(logits.float().flatten(0, 1), labels[:, prefix_len:].flatten(), reduction="sum")
         total_nll += nll.item()
         num_scored += sum(k for _, _, k in batch)
         if progress is not None:
@@ -108,9 +128,27 @@ def evaluate_clm(
         "bits_per_byte": total_nll / math.log(2) / num_bytes,
         "tokens": num_scored,
         "bytes": num_bytes,
-        "window": model.max_seq_len,
-        "stride": model.max_latents,
+        "window": length,
+        "stride": stride,
+        **({"context": context} if context is not None else {}),
     }
+
+
+def evaluate_context_curve(
+    model,
+    stream: list[int],
+    num_bytes: int,
+    batch_size: int,
+    pad_token_id: int = 0,
+    progress: Progress | None = None,
+) -> list[dict]:
+    """`evaluate_clm` at each context of `curve_contexts`: how much the model gains from more context. One
+    {context, stride, loss, bits_per_byte, tokens} per context, shortest first."""
+    curve = []
+    for context in curve_contexts(model.max_seq_len):
+        result = evaluate_clm(model, stream, num_bytes, batch_size, pad_token_id, progress, context)
+        curve.append({key: result[key] for key in ("context", "stride", "loss", "bits_per_byte", "tokens")})
+    return curve
 
 
 def evaluate_clm_generation(

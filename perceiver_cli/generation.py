@@ -20,8 +20,9 @@ from dataclasses import dataclass
 import torch
 
 from perceiver_cli.errors import UserError
-from perceiver_cli.models.clm.model import CausalLanguageModel, CausalLanguageModelConfig, first_window
-from perceiver_cli.models.clm.decoding import DEFAULT_SCHEDULE, SCHEDULES, WindowStepper
+from perceiver_cli.models.clm.decoding import WindowStepper
+from perceiver_cli.models.clm.model import CausalLanguageModel, CausalLanguageModelConfig
+from perceiver_cli.models.clm.windows import DEFAULT_SCHEDULE, check_schedule, first_window
 
 # ---------------------------------------------------------------------------------------------------------------
 # Settings
@@ -44,7 +45,7 @@ class GenerationSettings:
     stop_at_eos: bool = True  # the end-of-text token ends a sequence (training puts it between documents)
     num_latents: int | None = None  # initial latents; None: min(prompt length, max_latents)
     use_cache: bool = True
-    schedule: str = DEFAULT_SCHEDULE  # the window schedule (see perceiver_cli.models.clm.decoding.SCHEDULES)
+    schedule: str = DEFAULT_SCHEDULE  # the window schedule (see perceiver_cli.models.clm.windows.SCHEDULES)
 
     def validate(self, max_latents: int | None = None) -> None:
         """Raise a UserError naming the first setting out of range; num_latents is also checked against the model's
@@ -61,7 +62,7 @@ class GenerationSettings:
             "greedy decoding would return identical sequences: use sampling for num-return-sequences > 1",
         )
         _require(all(self.stop), "stop strings must not be empty")
-        _require(self.schedule in SCHEDULES, f"unknown schedule {self.schedule!r}: use {' or '.join(SCHEDULES)}")
+        check_schedule(self.schedule, UserError)
         if self.num_latents is not None:
             _require(self.num_latents >= 1, f"num-latents must be at least 1, got {self.num_latents}")
             _require(

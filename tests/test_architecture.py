@@ -32,6 +32,7 @@ LAYERS = {
     "models.mlm": 2,
     "models.clm.model": 1,
     "models.clm.decoding": 1,
+    "models.clm.windows": 1,
     "models.mlm.model": 1,
     "models.mlm.block_routing": 1,
     "training": 3,

@@ -1,6 +1,7 @@
 """Text sources: local files of every supported format, errors that name the fix, and the Hub failing fast offline."""
 
 import json
+import re
 import time
 
 import datasets
@@ -185,3 +186,116 @@ def test_hub_dataset_in_local_cache_loads_offline(tmp_path, monkeypatch):
     with pytest.raises(UserError, match="not in the local cache") as error:
         load_text_splits("hub", name="tinyset", config="other", text_column="content")
     assert "plain" in error.value.hint  # the configs that are cached
+
+
+# --- data.document: what one document of a .txt file is ------------------------------------------------------------
+
+LONG_FILES = {
+    "alpha.txt": "Alpha opens here.\n\nA second paragraph of alpha,\nwrapped over two lines.\n\n\nAlpha ends.\n",
+    "beta.txt": "Beta is one paragraph\nof three\nlines.\n",
+    "gamma.txt": "Gamma starts.\n\n   \n\nGamma, after blank and whitespace-only lines.\n",
+}
+
+
+def _long_files(tmp_path, files=LONG_FILES):
+    for name, text in files.items():
+        (tmp_path / name).write_text(text, encoding="utf-8")
+    return str(tmp_path)
+
+
+def _all_text(splits):
+    return sorted(list(splits["train"]["text"]) + list(splits["validation"]["text"]))
+
+
+def test_document_file_keeps_each_txt_file_whole(tmp_path):
+    splits = load_text_splits("files", path=_long_files(tmp_path), document="file", validation_fraction=0.3)
+    assert _all_text(splits) == sorted(LONG_FILES.values())  # unchanged: blank lines and final newline kept
+
+
+def test_document_line_gives_one_document_per_non_empty_line(tmp_path):
+    splits = load_text_splits("files", path=_long_files(tmp_path), document="line")
+    lines = [line for text in LONG_FILES.values() for line in text.splitlines() if line.strip()]
+    assert _all_text(splits) == sorted(lines)
+
+
+def test_document_paragraph_is_the_default(tmp_path):
+    path = _long_files(tmp_path)
+    default = load_text_splits("files", path=path)
+    assert _all_text(load_text_splits("files", path=path, document="paragraph")) == _all_text(default)
+    # each "\n\n" ends a paragraph, as in the datasets text builder (which keeps a whitespace-only one)
+    assert _all_text(default) == sorted([
+        "Alpha opens here.", "A second paragraph of alpha,\nwrapped over two lines.", "\nAlpha ends.\n",
+        "Beta is one paragraph\nof three\nlines.\n",
+        "Gamma starts.", "   ", "Gamma, after blank and whitespace-only lines.\n",
+    ])  # fmt: skip
+
+
+def test_document_other_than_paragraph_needs_txt_files(tmp_path):
+    path = _write(tmp_path, "jsonl")
+    for document in ("file", "line"):
+        with pytest.raises(UserError, match=r"data.document applies to .txt files, not to .jsonl files"):
+            load_text_splits("files", path=str(path), document=document)
+    with pytest.raises(UserError, match=r"data.document applies to .txt files .* not to source 'embedded'"):
+        load_text_splits("embedded", document="file")
+    with pytest.raises(UserError, match=r"unknown data.document 'page': use one of paragraph, line, file"):
+        load_text_splits("files", path=str(path), document="page")
+
+
+def test_document_file_with_one_file_says_to_add_files(tmp_path):
+    (tmp_path / "only.txt").write_text("One file.\n\nTwo paragraphs, but one document.\n")
+    with pytest.raises(UserError, match="only 1 document found.*add more files"):
+        load_text_splits("files", path=str(tmp_path / "only.txt"), document="file")
+
+
+def test_whole_file_reaches_the_clm_chunker_whole(tmp_path):
+    from perceiver_cli.data.pipeline import tokenize_and_chunk
+    from perceiver_cli.data.tokenizer import encode_text, load_tokenizer
+
+    tokenizer = load_tokenizer("utf8")
+    eos = tokenizer.eos_token_id
+    paragraphs = [f"Paragraph {i} of a long document: " + "word " * (10 + i % 7) + "end." for i in range(32)]
+    text = "\n\n".join(paragraphs) + "\n"
+    assert len(text.encode()) > 3000 and "\n\n" in text
+    assert (len(text.encode()) + 1) % 257 > 1  # no last chunk of one token, which the chunker would drop
+    (tmp_path / "long.txt").write_text(text)
+    (tmp_path / "validation.txt").write_text("A short validation document.\n")
+
+    def train_stream(document):
+        splits = load_text_splits("files", path=str(tmp_path), document=document)
+        chunks = tokenize_and_chunk(splits, tokenizer, task="clm", max_seq_len=256)
+        return [t for row in chunks["train"]["input_ids"] for t in row]  # the chunks, back to back
+
+    stream = train_stream("file")
+    assert stream == encode_text(tokenizer, [text])[0] + [eos]  # one contiguous stream, in order
+    assert stream.count(eos) == 1  # the end-of-text token only after the document
+    assert train_stream("paragraph").count(eos) == len(paragraphs)  # what "file" avoids: one after each paragraph
+
+
+def test_config_validation_checks_document():
+    from perceiver_cli.config import validate
+
+    def preset(**data):
+        return {"model": {"task": "clm"}, "data": data, "trainer": {"max_steps": 1}}
+
+    assert validate(preset(source="files", path="corpus/*.txt", document="file"), "p").data.document == "file"
+    assert validate(preset(source="files", path="corpus/", document="line"), "p").data.document == "line"
+    assert validate(preset(), "p").data.document == "paragraph"
+    jsonl = dict(source="files", path="rows/*.jsonl", document="line")
+    for data, message in (
+        (jsonl, "data.document: applies to .txt files, not to .jsonl files"),
+        (dict(source="embedded", document="line"), 'data.document: applies to .txt files of source = "files"'),
+        (dict(source="files", path="a.txt", document="page"), "data.document: Input should be 'paragraph', 'line'"),
+    ):
+        with pytest.raises(UserError, match=re.escape(message)):
+            validate(preset(**data), "p")
+
+
+def test_embedded_source_by_corpus_name():
+    from perceiver_cli.data.corpus import embedded_corpus_files
+
+    splits = load_text_splits("embedded", name="modules")
+    files = embedded_corpus_files("modules")
+    for split in ("train", "validation"):
+        assert splits[split].num_rows == len(files[split].read_text(encoding="utf-8").splitlines())
+    with pytest.raises(UserError, match="unknown embedded corpus 'poems'"):
+        load_text_splits("embedded", name="poems")

@@ -1,5 +1,6 @@
 """`perceiver eval`: every token scored once by the strided window, bits per byte consistent with the loss and the
-byte count, masked-LM metrics, the run's data by default, and clear errors."""
+byte count, masked-LM metrics, the run's data by default, any text scored whole with --path, a bounded context
+(--context) and the context curve, and clear errors."""
 
 import json
 import math
@@ -9,7 +10,8 @@ import pytest
 import torch
 
 from perceiver_cli.data.tokenizer import load_tokenizer
-from perceiver_cli.evaluation import clm_token_stream, clm_windows, evaluate_clm, evaluate_word_fill
+from perceiver_cli.evaluation import clm_token_stream, context_window, evaluate_clm, evaluate_word_fill
+from perceiver_cli.models.clm.windows import scoring_windows
 from perceiver_cli.models.clm import CausalLanguageModel
 from perceiver_cli.models.mlm import MaskedLanguageModel
 from tiny_models import tiny_clm_config, tiny_mlm_config
@@ -20,10 +22,10 @@ from cli_runner import assert_one_error, run_cli, write_run
 def test_windows_score_every_token_once_with_as_much_context_as_fits(num_tokens):
     max_seq_len, max_latents = 48, 12
     scored = []
-    for lo, hi, k in clm_windows(num_tokens, max_seq_len, max_latents):
+    for lo, hi, k in scoring_windows(num_tokens - 1, max_seq_len, max_latents):  # inputs lo .. hi-1
         assert lo == max(0, hi - max_seq_len)  # the window reaches back as far as the model reads
         assert 1 <= k <= min(max_latents, hi - lo)  # scored tokens sit at latent positions
-        scored += range(hi - k + 1, hi + 1)
+        scored += range(hi - k + 1, hi + 1)  # the targets: the tokens after the last k inputs
     assert scored == list(range(1, num_tokens))
 
 
@@ -114,15 +116,16 @@ def test_clm_eval_uses_the_runs_data_and_reports_json(runs, capsys):
 
 
 def test_data_options_override_the_runs_data(runs, capsys):
-    _, out, _ = run_cli(capsys, "eval", "--model", CLM, "--json", "--path", "other.txt", "--split", "train")
+    _, out, _ = run_cli(capsys, "eval", "--model", CLM, "--json", "--path", "other.txt")
     result = json.loads(out)
-    assert result["data"]["path"] == "other.txt" and result["split"] == "train"
+    assert result["data"]["path"] == "other.txt"
+    assert result["split"] == "all" and result["documents"] == 30  # all of it, no validation split
     _, limited, _ = run_cli(capsys, "eval", "--model", CLM, "--json", "--path", "other.txt", "--limit", "2")
     assert json.loads(limited)["documents"] <= 2
 
 
 def test_mlm_eval_reports_masked_loss_and_accuracy_but_no_perplexity(runs, capsys):
-    args = ["eval", "--model", MLM, "--json", "--path", "corpus.txt", "--split", "train", "--limit", "10"]
+    args = ["eval", "--model", MLM, "--json", "--path", "corpus.txt", "--limit", "10"]
     status, out, _ = run_cli(capsys, *args)
     assert status == 0
     result = json.loads(out)
@@ -198,10 +201,105 @@ def test_word_fill_counts_a_word_with_one_wrong_token_as_wrong_and_draws_by_seed
 
 
 def test_table_by_default(runs, capsys):
-    status, out, err = run_cli(capsys, "eval", "--limit", "3", "--path", "corpus.txt", "--split", "train")
+    status, out, err = run_cli(capsys, "eval", "--limit", "3", "--path", "corpus.txt")
     assert status == 0
     assert "using runs/" in err and "(most recent run)" in err
     assert "loss" in out and "documents" in out
+
+
+# --- any text, whole ------------------------------------------------------------------------------------------------
+
+
+def test_path_scores_a_one_document_file_whole(runs, capsys):
+    text = "Ein einziges Dokument, ohne Leerzeile: zu kurz, um eine Validierung abzuspalten. " * 3
+    Path("one.txt").write_text(text.strip(), encoding="utf-8")
+    status, out, err = run_cli(capsys, "eval", "--model", CLM, "--json", "--path", "one.txt")
+    assert status == 0, err
+    result = json.loads(out)
+    assert (result["split"], result["documents"]) == ("all", 1)
+    assert result["bytes"] == len(text.strip().encode("utf-8")) + 1 == result["tokens"]  # + 1: the separator
+
+
+def test_path_scores_a_directory_of_validation_files_only(runs, capsys):
+    texts = ["first validation document", "zweites Dokument über Käse", "third"]
+    Path("held-out").mkdir()
+    Path("held-out/validation.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts), "utf-8")
+    status, out, err = run_cli(capsys, "eval", "--model", CLM, "--json", "--path", "held-out")
+    assert status == 0, err
+    result = json.loads(out)
+    assert (result["split"], result["documents"]) == ("all", 3)
+    assert result["bytes"] == sum(len(t.encode("utf-8")) + 1 for t in texts) == result["tokens"]
+
+
+# --- a bounded context ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("max_latents", [64, 16])
+def test_a_context_gives_every_token_three_quarters_of_it_to_all_of_it(max_latents):
+    context, num_tokens = 256, 1500
+    length, stride = context_window(1024, max_latents, context)
+    assert (length, stride) == (256, min(max_latents, 64))
+    scored = []
+    for lo, hi, k in scoring_windows(num_tokens - 1, length, stride):
+        for position in range(hi - k, hi):  # input position p predicts token p + 1 from tokens lo .. p
+            seen = position + 1 - lo
+            assert seen <= context
+            if position + 1 >= context:  # once the stream is that long
+                assert context - stride + 1 <= seen
+            scored.append(position + 1)
+    assert scored == list(range(1, num_tokens))  # every token once
+
+
+def test_context_is_the_score_of_each_token_from_its_last_n_tokens(runs, capsys):
+    text = "Kurze Zeilen über Käse, und mehr."
+    Path("short.txt").write_text(text, encoding="utf-8")
+    status, out, err = run_cli(capsys, "eval", "--model", CLM, "--json", "--path", "short.txt", "--context", "3")
+    assert status == 0, err
+    result = json.loads(out)
+    assert (result["context"], result["window"], result["stride"]) == (3, 3, 1)
+    # By hand: token t scored from exactly tokens max(0, t - 3) .. t - 1, one pass each, the last position a latent.
+    model = clm()
+    stream, num_bytes = clm_token_stream(load_tokenizer("utf8"), [text])
+    total_nll = 0.0
+    with torch.inference_mode():
+        for t in range(1, len(stream)):
+            inputs = torch.tensor([stream[max(0, t - 3) : t]])
+            logits = model(inputs, inputs.shape[1] - 1)[0, -1]
+            total_nll += torch.nn.functional.cross_entropy(logits, torch.tensor(stream[t])).item()
+    assert result["tokens"] == len(stream) - 1
+    assert result["bits_per_byte"] == pytest.approx(total_nll / math.log(2) / num_bytes, abs=1e-5)
+    # The same, batched: windows of different lengths left-padded together change nothing.
+    batched = evaluate_clm(model, stream, num_bytes, batch_size=7, context=3)
+    assert batched["bits_per_byte"] == pytest.approx(result["bits_per_byte"], abs=1e-5)
+
+
+def test_context_of_the_whole_window_is_the_default_score_here(runs, capsys):
+    # The tiny model's window is 48 and its latents 12 = 48 // 4: the same windows as without --context.
+    _, default, _ = run_cli(capsys, "eval", "--model", CLM, "--json", "--path", "other.txt")
+    _, full, _ = run_cli(capsys, "eval", "--model", CLM, "--json", "--path", "other.txt", "--context", "48")
+    default, full = json.loads(default), json.loads(full)
+    assert "context" not in default and (full["context"], full["window"], full["stride"]) == (48, 48, 12)
+    assert full["bits_per_byte"] == pytest.approx(default["bits_per_byte"], abs=1e-9)
+
+
+def test_context_curve_draws_a_png_and_lists_the_contexts(runs, capsys):
+    torch.manual_seed(0)
+    config = tiny_clm_config(max_seq_len=320, max_latents=64, cross_attention_dropout=0.0)
+    write_run(runs, "clm-long", "clm", CausalLanguageModel(config), config, {"model": {"task": "clm"}})
+    args = ["eval", "--model", "runs/clm-long/version_0", "--path", "other.txt", "--context-curve"]
+    status, out, err = run_cli(capsys, *args, "--json", "--plot", "curve.png")
+    assert status == 0, err
+    result = json.loads(out)
+    curve = result["context_curve"]
+    assert [point["context"] for point in curve] == [64, 256, 320]
+    assert [point["stride"] for point in curve] == [16, 64, 64]
+    assert all(point["tokens"] == result["bytes"] for point in curve)  # every byte scored at every context
+    assert {"loss", "bits_per_byte"} <= set(curve[0]) and result["plot"] == "curve.png"
+    assert Path("curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    status, out, err = run_cli(capsys, *args)  # the table, and the default plot file
+    assert status == 0, err
+    assert "bits per byte" in out and "context-curve.png" in out
+    assert Path("context-curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 @pytest.mark.parametrize(
@@ -216,6 +314,15 @@ def test_table_by_default(runs, capsys):
         (["eval", "--model", CLM, "--source", "files"], "needs a path"),
         (["eval", "--model", "missing"], "model not found"),
         (["eval", "--model", CLM, "--device", "nonsense"], "device"),
+        (["eval", "--model", CLM, "--path", "other.txt", "--split", "train"], "--split train does not go with --path"),
+        (["eval", "--model", CLM, "--context", "0"], "--context must be at least 1"),
+        (["eval", "--model", CLM, "--context", "49"], "--context must be 1 to the model's window (48 tokens)"),
+        (["eval", "--model", CLM, "--context", "8", "--context-curve"], "do not go together"),
+        (["eval", "--model", CLM, "--context", "8", "--schedule", "sliding"], "do not go with --schedule"),
+        (["eval", "--model", CLM, "--plot", "x.png"], "--plot goes with --context-curve"),
+        (["eval", "--model", CLM, "--context-curve", "--plot", "missing/x.png"], "'missing' of --plot does not exist"),
+        (["eval", "--model", MLM, "--context", "8"], "for causal LMs"),
+        (["eval", "--model", MLM, "--context-curve"], "for causal LMs"),
     ],
 )
 def test_bad_input_is_one_error_line_and_exit_2(runs, capsys, args, message):

@@ -1,19 +1,26 @@
-"""The embedded default corpus: English prose from the Python standard library installed on this machine.
+"""The embedded corpora: text of the Python standard library installed on this machine, with no download.
 
-Every machine that runs this project has a Python standard library, so a few MB of real natural-language text are
-available without a download and without committing text to this repo. The documents are
-- docstrings of stdlib modules, classes and functions (read with `ast`; modules are never imported, because some,
-  like `antigravity` and `this`, do things on import),
-- blocks of full-line `#` comments from the same files (developers' explanations, mostly plain English),
-- the sections of `pydoc_data.topics` (the language reference text behind `help("if")`).
-Test directories are skipped (their text is mostly code). Documents shorter than `MIN_CHARS` or with too little
-prose in them are dropped, and duplicates are kept once.
+Every machine that runs this project has a Python standard library, so several MB of real text are available
+without a download and without committing text to this repo. `data.name` chooses one of three corpora:
+- "prose" (the default, also when `data.name` is unset): English prose, one document per
+  - docstring of a stdlib module, class or function (read with `ast`; modules are never imported, because some,
+    like `antigravity` and `this`, do things on import),
+  - block of full-line `#` comments from the same files (developers' explanations, mostly plain English),
+  - section of `pydoc_data.topics` (the language reference text behind `help("if")`).
+  Documents shorter than `MIN_CHARS` or with too little prose in them are dropped, and duplicates are kept once.
+- "modules": the same prose grouped into long documents: one per stdlib file (its kept docstrings and comment
+  blocks in source order, joined with blank lines) and one per reference topic, whole (tables included). A few
+  hundred bytes to tens of KB, about 1.5 KB in the median.
+- "code": the stdlib's `.py` files whole, one document per file (files that are not UTF-8, over `MAX_FILE_BYTES`
+  or under `MIN_CHARS` are left out).
+Test directories are skipped (`SKIP_DIRS`; their text is mostly code, and repetitive).
 
 Each document goes to "validation" or "train" by a hash of its text (about `VALIDATION_FRACTION` of them), so the
 split is stable no matter the order or number of documents. Files are JSON Lines, one `{"text": ...}` object per
 document: unlike blank-line separated text, this keeps document boundaries exact (docstrings contain blank lines).
-The result is cached under `cache_root()/corpus/<python version>-<hash of recipe and stdlib file list>/` and
-written atomically, so an interrupted build never leaves a half-written corpus behind.
+Each corpus is cached under `cache_root()/corpus/stdlib[-<name>]-py<version>-<hash of recipe and stdlib file list>/`
+(the prose corpus keeps its original key) and written atomically, so an interrupted build never leaves a
+half-written corpus behind.
 """
 
 import ast
@@ -28,41 +35,72 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from perceiver_cli.data.cache import cache_root
+from perceiver_cli.errors import UserError
 from perceiver_cli.files import write_atomically
 
 RECIPE_VERSION = 1  # bump whenever the recipe below changes what is extracted; it is part of the cache key
+# Each corpus's own recipe version, part of its cache key ("modules" also depends on the prose recipe above).
+CORPUS_RECIPE_VERSIONS = {"prose": RECIPE_VERSION, "modules": 1, "code": 1}
+CORPORA = tuple(CORPUS_RECIPE_VERSIONS)  # the names `data.name` may take with source = "embedded"
+DEFAULT_CORPUS = "prose"
 MIN_CHARS = 100  # long enough to be a sentence or two; shorter docstrings are mostly "Return self."
 MIN_PROSE_RATIO = 0.8  # share of letters and whitespace; comment blocks of commented-out code fall below it
+MAX_FILE_BYTES = 1_000_000  # "code": larger files are generated tables, not code anyone writes
 VALIDATION_FRACTION = 0.05
 SPLITS = ("train", "validation")
 SKIP_DIRS = {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__", "lib-dynload"}
 MANIFEST = "manifest.json"
+_DESCRIPTIONS = {
+    "prose": "English prose of the Python {python} standard library (docstrings, comments, language reference)",
+    "modules": "English prose of the Python {python} standard library, one document per module or reference topic",
+    "code": "the Python {python} standard library's source, one document per .py file",
+}
 
 
-def embedded_corpus_files() -> dict[str, Path]:
-    """Split name -> JSON Lines file of the embedded corpus, building the corpus first if it is not cached."""
-    directory = _corpus_dir()
+def corpus_name(name: str | None) -> str:
+    """The embedded corpus `name` chooses (None: the default, "prose"); a UserError for an unknown one."""
+    if name is None:
+        return DEFAULT_CORPUS
+    if name not in CORPORA:
+        raise UserError(
+            f"unknown embedded corpus {name!r}: set data.name to one of {', '.join(CORPORA)} (or leave it unset)"
+        )
+    return name
+
+
+def embedded_corpus_files(name: str | None = None) -> dict[str, Path]:
+    """Split name -> JSON Lines file of the embedded corpus `name` (see `CORPORA`; None: "prose"), building the
+    corpus first if it is not cached."""
+    name = corpus_name(name)
+    directory = _corpus_dir(name)
     if not (directory / MANIFEST).is_file():
-        _build(directory)
+        _build(directory, name)
     return {split: directory / f"{split}.jsonl" for split in SPLITS}
 
 
-def describe_embedded_corpus() -> str:
-    """One line: what the embedded corpus is, and its size per split."""
-    embedded_corpus_files()
-    manifest = json.loads((_corpus_dir() / MANIFEST).read_text(encoding="utf-8"))
+def describe_embedded_corpus(name: str | None = None) -> str:
+    """One line: what the embedded corpus `name` is, and its size per split."""
+    name = corpus_name(name)
+    directory = embedded_corpus_files(name)["train"].parent
+    manifest = json.loads((directory / MANIFEST).read_text(encoding="utf-8"))
     parts = [
         f"{split} {info['bytes'] / 1e6:.2f} MB in {info['documents']:,} documents"
         for split, info in manifest["splits"].items()
     ]
-    return (
-        f"embedded corpus: English prose of the Python {manifest['python']} standard library (docstrings, comments, "
-        f"language reference); {', '.join(parts)}"
-    )
+    title = "embedded corpus" if name == DEFAULT_CORPUS else f"embedded corpus {name!r}"
+    return f"{title}: {_DESCRIPTIONS[name].format(python=manifest['python'])}; {', '.join(parts)}"
 
 
-def iter_documents() -> Iterator[str]:
-    """All documents of the corpus, in a stable order: stdlib files sorted by path, then the reference topics."""
+def iter_documents(name: str | None = None) -> Iterator[str]:
+    """All documents of the corpus `name` (None: "prose"), in a stable order: stdlib files sorted by path, then the
+    reference topics."""
+    name = corpus_name(name)
+    if name == "modules":
+        yield from _module_documents()
+        return
+    if name == "code":
+        yield from _code_documents()
+        return
     seen: set[str] = set()
     for path in _stdlib_files():
         for text in _file_documents(path):
@@ -73,6 +111,46 @@ def iter_documents() -> Iterator[str]:
         if text not in seen and _keep(text):
             seen.add(text)
             yield text
+
+
+def _module_documents() -> Iterator[str]:
+    # The prose corpus's documents (each kept once, where it first appears), grouped by the file they come from.
+    seen: set[str] = set()
+    for path in _stdlib_files():
+        kept = []
+        for text in _file_documents(path):
+            if text not in seen and _keep(text):
+                seen.add(text)
+                kept.append(text)
+        if kept:
+            yield "\n\n".join(kept)
+    # Topics are kept whole even where their tables and heading rules bring the share of prose under
+    # MIN_PROSE_RATIO: that filter is for comment blocks of commented-out code.
+    for text in _reference_topics():
+        if text not in seen and len(text) >= MIN_CHARS:
+            seen.add(text)
+            yield text
+
+
+def _code_documents() -> Iterator[str]:
+    seen: set[str] = set()
+    for path in _stdlib_files():
+        text = source_document(path)
+        if text is not None and text not in seen:
+            seen.add(text)
+            yield text
+
+
+def source_document(path: Path) -> str | None:
+    """The "code" corpus's document for one source file: its text, whole and unchanged, or None if the file is left
+    out (over `MAX_FILE_BYTES`, not valid UTF-8, or under `MIN_CHARS` of text)."""
+    if path.stat().st_size > MAX_FILE_BYTES:
+        return None
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+    return text if len(text.strip()) >= MIN_CHARS else None
 
 
 def split_of(text: str) -> str:
@@ -149,6 +227,13 @@ def _comment_blocks(source: bytes, inside_strings: set[int]) -> list[tuple[int, 
 _HEADING_RULE = re.compile(r"^([*=\-~^])\1+$")
 
 
+def _reference_topics() -> list[str]:
+    """The language reference topics of `pydoc`, whole, sorted by their key."""
+    from pydoc_data.topics import topics  # plain data: a dict of strings
+
+    return [topics[key].strip() for key in sorted(topics) if topics[key].strip()]
+
+
 def _reference_sections() -> list[str]:
     """The language reference topics of `pydoc`, cut at their section headings (a title underlined by a line of
     "*", "=" or "-"), so that long topics become several documents and the split by hash stays balanced."""
@@ -171,21 +256,28 @@ def _reference_sections() -> list[str]:
 # --- the cache -------------------------------------------------------------------------------------------------
 
 
-def _corpus_dir() -> Path:
+def _corpus_dir(name: str = DEFAULT_CORPUS) -> Path:
     # The key changes with the recipe and with the stdlib's file list (a new Python, a patched stdlib); it is cheap
     # to compute (names and sizes, no reading), so finding the cached corpus costs a directory walk, not a build.
+    # The prose corpus keeps the key it had before there were several corpora, so that existing caches stay valid.
     root = _stdlib_root()
-    recipe = [RECIPE_VERSION, MIN_CHARS, MIN_PROSE_RATIO, VALIDATION_FRACTION, sorted(SKIP_DIRS)]
+    if name == DEFAULT_CORPUS:
+        recipe = [RECIPE_VERSION, MIN_CHARS, MIN_PROSE_RATIO, VALIDATION_FRACTION, sorted(SKIP_DIRS)]
+        prefix = "stdlib"
+    else:
+        recipe = [name, CORPUS_RECIPE_VERSIONS[name], RECIPE_VERSION, MIN_CHARS, MIN_PROSE_RATIO, MAX_FILE_BYTES,
+                  VALIDATION_FRACTION, sorted(SKIP_DIRS)]  # fmt: skip
+        prefix = f"stdlib-{name}"
     files = [(path.relative_to(root).as_posix(), path.stat().st_size) for path in _stdlib_files()]
     digest = hashlib.sha1(json.dumps([recipe, files]).encode("utf-8")).hexdigest()[:12]
     version = ".".join(map(str, sys.version_info[:3]))
-    return cache_root() / "corpus" / f"stdlib-py{version}-{digest}"
+    return cache_root() / "corpus" / f"{prefix}-py{version}-{digest}"
 
 
-def _build(directory: Path) -> None:
+def _build(directory: Path, name: str = DEFAULT_CORPUS) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     documents: dict[str, list[str]] = {split: [] for split in SPLITS}
-    for text in iter_documents():
+    for text in iter_documents(name):
         documents[split_of(text)].append(text)
     info = {}
     for split, texts in documents.items():
@@ -196,7 +288,11 @@ def _build(directory: Path) -> None:
             "bytes": sum(len(text.encode("utf-8")) for text in texts),
             "sha256": hashlib.sha256(body.encode("utf-8")).hexdigest(),
         }
-    manifest = {"recipe": RECIPE_VERSION, "python": ".".join(map(str, sys.version_info[:3])), "splits": info}
+    manifest = {
+        "corpus": name,
+        "recipe": CORPUS_RECIPE_VERSIONS[name],
+        "python": ".".join(map(str, sys.version_info[:3])),
+        "splits": info,
+    }
     # The manifest goes last: its presence is what marks the corpus as complete.
     write_atomically(directory / MANIFEST, json.dumps(manifest, indent=2) + "\n")
-

@@ -74,8 +74,8 @@ class ResumableLoader(DataLoader):
 class TextDataModule(pl.LightningDataModule):
     """Training and validation batches for a causal ("clm") or masked ("mlm") language model.
 
-    Source arguments (`source`, `path`, `name`, `config`, `text_column`, `validation_fraction`) are those of
-    `load_text_splits`; `tokenizer` is a spec for `load_tokenizer`. `padding_side` defaults to "left" for CLM
+    Source arguments (`source`, `path`, `name`, `config`, `text_column`, `document`, `validation_fraction`) are
+    those of `load_text_splits`; `tokenizer` is a spec for `load_tokenizer`. `padding_side` defaults to "left" for CLM
     (Perceiver AR) and "right" for MLM. `random_shift` (CLM training only) varies chunk boundaries between
     epochs, and `random_truncation` the sequence lengths (see `CLMCollator`). MLM options are those of `MLMCollator`; validation batches always use static masking so that validation
     losses are comparable between evaluations. `num_workers` defaults to 0: on small machines worker processes
@@ -91,6 +91,7 @@ class TextDataModule(pl.LightningDataModule):
         name: str | None = None,
         config: str | None = None,
         text_column: str = "text",
+        document: str = "paragraph",
         tokenizer: str = "utf8",
         max_seq_len: int = 512,
         batch_size: int = 8,
@@ -117,7 +118,7 @@ class TextDataModule(pl.LightningDataModule):
             raise UserError("random_shift and random_truncation apply to causal LM (clm) data only: turn them off")
         self.task = task
         self.source_options = dict(
-            source=source, path=path, name=name, config=config, text_column=text_column,
+            source=source, path=path, name=name, config=config, text_column=text_column, document=document,
             validation_fraction=validation_fraction, seed=seed,
         )
         self.tokenizer_spec = tokenizer

@@ -1,8 +1,10 @@
-"""Where training text comes from: the embedded corpus, local files, or a Hugging Face Hub dataset.
+"""Where training text comes from: an embedded corpus, local files, or a Hugging Face Hub dataset.
 
 Every source ends up as a `DatasetDict` with a "train" and a "validation" split, each with one string column `text`
 (one row per document). All of them are backed by arrow cache files, so the tokenization that follows
-(`pipeline.tokenize_and_chunk`) is cached by `datasets` too.
+(`pipeline.tokenize_and_chunk`) is cached by `datasets` too. A document is what the tokenizer's end-of-text token
+follows, so long documents stay whole only if they are one row: `document` chooses what one is in .txt files (a
+paragraph, a line, or the whole file), and the "modules" and "code" embedded corpora have documents of whole files.
 """
 
 import glob
@@ -17,7 +19,7 @@ from perceiver_cli.data.cache import datasets_cache_dir
 from perceiver_cli.errors import UserError
 
 if TYPE_CHECKING:
-    from datasets import DatasetDict
+    from datasets import Dataset, DatasetDict
 
 SOURCES = ("embedded", "files", "hub")
 # file suffix -> `datasets` builder
@@ -25,6 +27,14 @@ BUILDERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parq
 _VALIDATION_NAME = re.compile(r"^(validation|valid|val|dev)([._-].*)?$", re.IGNORECASE)
 _TEST_NAME = re.compile(r"^(test|testing)([._-].*)?$", re.IGNORECASE)
 HUB_PROBE_TIMEOUT_S = 3.0
+# data.document (what one document of a .txt file is) -> the `datasets` text builder's `sample_by`
+DOCUMENTS = {"paragraph": "paragraph", "line": "line", "file": "document"}
+# what to add when a source has too few documents to split, per data.document
+_MORE_DOCUMENTS = {
+    "paragraph": "add more text (in .txt files, separate documents with a blank line)",
+    "line": "add more lines (with data.document = \"line\", each non-empty line is a document)",
+    "file": "add more files (with data.document = \"file\", each .txt file is one document)",
+}
 
 
 def load_text_splits(
@@ -36,12 +46,16 @@ def load_text_splits(
     text_column: str = "text",
     validation_fraction: float = 0.05,
     seed: int = 0,
+    document: str = "paragraph",
 ) -> "DatasetDict":
     """Load `source` as a DatasetDict with "train" and "validation" splits of one column, `text`.
 
-    - "embedded": the corpus of `perceiver_cli.data.corpus` (no download).
+    - "embedded": the corpus `name` of `perceiver_cli.data.corpus` ("prose", "modules" or "code"; None: "prose";
+      no download).
     - "files": `path` is a file, a directory or a glob of .txt, .jsonl/.json, .parquet or .csv files (one kind).
-      In .txt files a document is a paragraph (text between blank lines); in the others, a row's `text_column`.
+      In .txt files a document is, by `document`, a "paragraph" (text between blank lines), a "line" (blank lines
+      are left out) or the whole "file"; in the others, a row's `text_column` (and `document` must be left at
+      "paragraph").
       In a directory, files named validation*/valid*/val*/dev* form the validation split (test* files are then
       left out); otherwise `validation_fraction` of the documents is split off, shuffled with `seed`.
     - "hub": `datasets.load_dataset(name, config)`, served from the local Hugging Face cache when the Hub cannot be
@@ -49,34 +63,41 @@ def load_text_splits(
     """
     if not 0 < validation_fraction < 1:
         raise UserError(f"validation fraction {validation_fraction} is out of range: use a number between 0 and 1")
+    if document not in DOCUMENTS:
+        raise UserError(f"unknown data.document {document!r}: use one of {', '.join(DOCUMENTS)}")
+    if document != "paragraph" and source != "files":
+        raise UserError(
+            f"data.document applies to .txt files of source 'files', not to source {source!r}: leave it unset"
+        )
     if source == "embedded":
-        splits = _load_embedded()
+        splits = _load_embedded(name)
     elif source == "files":
         if not path:
             raise UserError("source 'files' needs a path: set path to a text file, a directory or a glob")
-        splits = _load_files(path, text_column)
+        splits = _load_files(path, text_column, document)
     elif source == "hub":
         if not name:
             raise UserError("source 'hub' needs a dataset name: set name (e.g. 'wikitext') and config if it has one")
         splits = _load_hub(name, config, text_column)
     else:
         raise UserError(f"unknown data source {source!r}: use one of {', '.join(SOURCES)}")
-    return _with_validation(splits, validation_fraction, seed)
+    return _with_validation(splits, validation_fraction, seed, _MORE_DOCUMENTS[document])
 
 
-def _load_embedded():
+def _load_embedded(name: str | None):
     import datasets
 
     from perceiver_cli.data.corpus import embedded_corpus_files
 
-    files = {split: str(file) for split, file in embedded_corpus_files().items()}
+    files = {split: str(file) for split, file in embedded_corpus_files(name).items()}
     return datasets.load_dataset("json", data_files=files, cache_dir=str(datasets_cache_dir()))
 
 
 # --- local files -----------------------------------------------------------------------------------------------
 
 
-def _load_files(path: str, text_column: str):
+def _load_files(path: str, text_column: str, document: str = "paragraph", *, by_name: bool = True):
+    # by_name: validation*/test* files make the splits; False: every file in "train" (`load_documents`)
     import datasets
 
     files = _resolve_files(path)
@@ -90,21 +111,34 @@ def _load_files(path: str, text_column: str):
     if len(builders) > 1:
         raise UserError(f"{path!r} mixes file types ({', '.join(suffixes)}): point it at files of one type")
     builder = builders.pop()
+    if builder != "text" and document != "paragraph":
+        raise UserError(
+            f"data.document applies to .txt files, not to {', '.join(suffixes)} files (each row already is one "
+            "document): leave data.document unset"
+        )
     if all(_is_blank(f) for f in files):
         raise UserError(f"no text found in {path!r}: the files are empty")
-    # Paragraphs, not lines: with one row per line, wrapped prose would get an end-of-text token after every line.
-    options = {"sample_by": "paragraph"} if builder == "text" else {}
+    # Paragraphs by default, not lines: with one row per line, wrapped prose would get an end-of-text token after
+    # every line. Whole files ("document") keep long documents whole, blank lines and all.
+    options = {"sample_by": DOCUMENTS[document]} if builder == "text" else {}
     try:
         splits = datasets.load_dataset(
-            builder, data_files=_split_files(files), cache_dir=str(datasets_cache_dir()), **options
+            builder, data_files=_split_files(files) if by_name else {"train": files},
+            cache_dir=str(datasets_cache_dir()), **options,
         )
     except Exception as e:  # a malformed file surfaces as one of many datasets/pyarrow errors
         raise UserError(f"could not read {path!r} as {builder} files ({_reason(e)}): check the file format") from e
     if builder != "text":
         splits = _select_text_column(splits, text_column, where=repr(path))
+    elif document != "paragraph":
+        splits = splits.filter(_has_text, batched=True, desc="Dropping blank documents")  # blank lines, blank files
     if splits["train"].num_rows == 0:
         raise UserError(f"no text found in {path!r}: the files are empty")
     return splits
+
+
+def _has_text(batch: dict) -> list[bool]:
+    return [bool(text.strip()) for text in batch["text"]]
 
 
 def _resolve_files(path: str) -> list[str]:
@@ -246,7 +280,7 @@ def _select_text_column(splits, text_column: str, *, where: str):
     return splits.rename_column(text_column, "text") if text_column != "text" else splits
 
 
-def _with_validation(splits, fraction: float, seed: int):
+def _with_validation(splits, fraction: float, seed: int, more: str = _MORE_DOCUMENTS["paragraph"]):
     import datasets
 
     if "validation" in splits:
@@ -254,8 +288,8 @@ def _with_validation(splits, fraction: float, seed: int):
     train = splits["train"]
     if train.num_rows < 2:
         raise UserError(
-            f"only {train.num_rows} document found, too few to split off a validation set: add more text "
-            "(in .txt files, separate documents with a blank line) or provide a validation file"
+            f"only {train.num_rows} document found, too few to split off a validation set: {more} "
+            "or provide a validation file"
         )
     try:
         parts = train.train_test_split(test_size=fraction, seed=seed)
@@ -273,3 +307,21 @@ def _reason(e: BaseException) -> str:
         e = e.__cause__
     text = " ".join(str(e).split())
     return f"{type(e).__name__}: {text[:300]}" if text else type(e).__name__
+
+
+# --- all of it -----------------------------------------------------------------------------------------------------
+
+
+def load_documents(
+    source: str, *, path: str | None = None, text_column: str = "text", document: str = "paragraph"
+) -> "Dataset":
+    """Every document at `path` (source "files"), one column `text`, with no split: all files, validation*/test*
+    names included, as `load_text_splits` reads them (`document`: what one is in .txt files). For scoring a text
+    whole (`perceiver eval --path`), whatever its size or its files' names."""
+    if source != "files":
+        raise UserError(f"a path is for source 'files', not {source!r}: leave out the source or the path")
+    if not path:
+        raise UserError("source 'files' needs a path: set path to a text file, a directory or a glob")
+    if document not in DOCUMENTS:
+        raise UserError(f"unknown data.document {document!r}: use one of {', '.join(DOCUMENTS)}")
+    return _load_files(path=path, text_column=text_column, document=document, by_name=False)["train"]

@@ -37,6 +37,7 @@ def build_datamodule(cfg: RunConfig) -> TextDataModule:
         name=d.name,
         config=d.config_name,
         text_column=d.text_column,
+        document=d.document,
         tokenizer=d.tokenizer,
         max_seq_len=d.max_seq_len,
         batch_size=d.batch_size,

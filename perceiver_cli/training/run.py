@@ -197,7 +197,11 @@ def quiet_libraries(rank: int) -> None:
 def _describe_data(cfg: RunConfig, datamodule) -> str:
     sizes = datamodule.describe()
     d = cfg.data
-    source = {"embedded": "embedded corpus", "files": f"files {d.path}", "hub": f"hub {d.name} {d.config_name or ''}"}
+    source = {
+        "embedded": f"embedded corpus {d.name or 'prose'}",
+        "files": f"files {d.path}" + (f" (one document per {d.document})" if d.document != "paragraph" else ""),
+        "hub": f"hub {d.name} {d.config_name or ''}",
+    }
     parts = [f"{split} {s['tokens']:,} tokens ({s['chunks']:,} chunks)" for split, s in sizes.items()]
     t = cfg.trainer
     processes = (t.devices if isinstance(t.devices, int) else 1) * t.num_nodes  # each takes its share of the chunks

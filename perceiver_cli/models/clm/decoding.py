@@ -5,13 +5,15 @@ window of at most `max_seq_len` tokens. Two things build on that, each in one pl
 
 - `sequence_logits`: one row of logits per input position, as a Hugging Face causal LM returns them. The positions
   are cut, from the end, into chunks of `max_latents`; each chunk is scored at the latents of its own window, which
-  reaches back `max_seq_len` tokens (the strided sliding window of `perceiver eval`). The last chunk's window is the
-  window generation starts from, so the last row is the next-token logits `generate` uses. Cost: ceil(N /
-  max_latents) windows instead of one, batched.
+  reaches back `max_seq_len` tokens (`windows.scoring_windows`, the strided sliding window of `perceiver eval`).
+  The last chunk's window is the window generation starts from, so the last row is the next-token logits
+  `generate` uses. Cost: ceil(N / max_latents) windows instead of one, batched.
 - `WindowStepper`: feeds a batch of growing sequences to the model token by token, following a window schedule
-  (`SCHEDULES`), with or without the key/value cache. `perceiver generate` and the Hugging Face wrapper's
+  (`windows.SCHEDULES`), with or without the key/value cache. `perceiver generate` and the Hugging Face wrapper's
   `generate()` both run it. Left padding never enters the model: rows are grouped by their number of real tokens,
   and each group runs unpadded with its own window, so a padded row generates what it generates alone.
+
+The windows themselves (which tokens a pass sees, which are latents, how they move) are `windows`'s.
 
 Shapes: B sequences, N positions, V vocabulary.
 """
@@ -24,59 +26,21 @@ from dataclasses import dataclass
 
 import torch
 
-from perceiver_cli.models.clm.model import (
-    CausalLanguageModel,
-    CausalLanguageModelConfig,
+from perceiver_cli.models.clm.model import CausalLanguageModel
+from perceiver_cli.models.clm.windows import (
+    DEFAULT_SCHEDULE,
     Window,
+    advance_window,
+    check_schedule,
     first_window,
-    next_window,
+    left_pad,
     reusable_prefix,
+    scoring_windows,
 )
-
-# ---------------------------------------------------------------------------------------------------------------
-# Window schedules: the window after one more token
-# ---------------------------------------------------------------------------------------------------------------
-
-# "chunked" (ours): latents grow to max_latents, then half of them join the prefix at once; the cache is rebuilt once
-# per max_latents / 2 tokens. "sliding" (the perceiver-io library's rule): every step the window is the last
-# max_seq_len tokens and the latents its last min(grown, max_latents); once the latents are full, every step
-# rebuilds the cache (a latent joins the prefix, or the window slides and every position moves).
-SCHEDULES = ("chunked", "sliding")
-DEFAULT_SCHEDULE = "chunked"
-
-
-def advance_window(window: Window, config: CausalLanguageModelConfig, schedule: str) -> tuple[Window, bool]:
-    """The window after one more token under `schedule`, and whether it is fresh (a cache must be rebuilt)."""
-    if schedule == "chunked":
-        return next_window(window, config)
-    if schedule != "sliding":
-        raise ValueError(f"unknown schedule {schedule!r}: use one of {', '.join(SCHEDULES)}")
-    new = Window(min(window.length + 1, config.max_seq_len), min(window.num_latents + 1, config.max_latents))
-    return new, new != Window(window.length + 1, window.num_latents + 1)
-
-
-def check_schedule(schedule: str) -> str:
-    if schedule not in SCHEDULES:
-        raise ValueError(f"unknown schedule {schedule!r}: use one of {', '.join(SCHEDULES)}")
-    return schedule
-
 
 # ---------------------------------------------------------------------------------------------------------------
 # Logits of every position
 # ---------------------------------------------------------------------------------------------------------------
-
-
-def scoring_windows(num_positions: int, max_seq_len: int, max_latents: int) -> list[tuple[int, int, int]]:
-    """Windows (lo, hi, k) that give each of `num_positions` positions its logits once: the window is positions
-    lo .. hi-1 and its last k positions, its latents, are scored. Chunks of max_latents are cut from the end, so
-    the last window is the one a prompt of num_positions tokens starts generation with."""
-    windows = []
-    hi = num_positions
-    while hi > 0:
-        k = min(max_latents, hi)
-        windows.append((max(0, hi - max_seq_len), hi, k))
-        hi -= k
-    return windows[::-1]
 
 
 def left_padding(attention_mask: torch.Tensor | None, n: int) -> list[int]:
@@ -122,19 +86,14 @@ def sequence_outputs(
     jobs = [  # (row, lo, hi, k) in the columns of input_ids
         (row, pad + lo, pad + hi, k)
         for row, pad in enumerate(pads)
-        for lo, hi, k in scoring_windows(n - pad, model.max_seq_len, model.max_latents)
+        for lo, hi, k in scoring_windows(n - pad, model.max_seq_len, model.max_latents, from_end=True)
         if pad + hi > first_kept
     ]
     out = None
     for start in range(0, len(jobs), b):
         batch = jobs[start : start + b]
-        width = max(hi - lo for _, lo, hi, _ in batch)
-        x = input_ids.new_zeros(len(batch), width, *input_ids.shape[2:])
-        pad_mask = torch.ones(len(batch), width, dtype=torch.bool, device=input_ids.device)
-        for i, (row, lo, hi, _) in enumerate(batch):
-            x[i, width - (hi - lo) :] = input_ids[row, lo:hi]
-            pad_mask[i, width - (hi - lo) :] = False
-        outputs = run(x, max(0, width - model.max_latents), pad_mask if pad_mask.any() else None)
+        x, pad_mask = left_pad([input_ids[row, lo:hi] for row, lo, hi, _ in batch])
+        outputs = run(x, max(0, x.shape[1] - model.max_latents), pad_mask)
         if out is None:
             out = [output.new_zeros(b, n - first_kept, *output.shape[2:]) for output in outputs]
         for i, (row, _, hi, k) in enumerate(batch):

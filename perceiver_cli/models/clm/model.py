@@ -1,5 +1,6 @@
 """Perceiver AR causal language model: token (+ absolute position) embeddings, the Perceiver AR core, and logits
-tied to the token embedding plus a bias.
+tied to the token embedding plus a bias. Which tokens a pass sees and predicts from (the windows of scoring and
+generation) is `perceiver_cli.models.clm.windows`.
 
 Shapes: B batch, N input positions, P prefix positions, L latents (N = P + L), V vocabulary.
 """
@@ -119,62 +120,3 @@ class CausalLanguageModel(PerceiverAR):
         if pad_mask is None:
             return torch.arange(num_cached, num_cached + n, device=device)[None]
         return ((~pad_mask).cumsum(dim=1) - 1).clamp(min=0)[:, -n:]
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Generation windows: which tail of a growing sequence the model sees, and where its latents begin
-# ---------------------------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Window:
-    """The last `length` tokens of a sequence, of which the last `num_latents` are latents."""
-
-    length: int
-    num_latents: int
-
-    @property
-    def prefix_len(self) -> int:
-        return self.length - self.num_latents
-
-
-def first_window(seq_len: int, config: CausalLanguageModelConfig, num_latents: int | None = None) -> Window:
-    """The window of a prompt of `seq_len` tokens: at most max_seq_len tokens, with the requested latents (default:
-    as many as fit), at most the window, and at least as many as the prefix cannot hold."""
-    length = min(seq_len, config.max_seq_len)
-    wanted = config.max_latents if num_latents is None else num_latents
-    return Window(length, max(min(wanted, length), length - config.max_prefix_len))
-
-
-def next_window(window: Window, config: CausalLanguageModelConfig) -> tuple[Window, bool]:
-    """The window after one more token, and whether it is fresh: whether a key/value cache must be rebuilt by a full
-    forward pass over it.
-
-    While there is room, the new token is one more latent: a cache extends by one position and stays exact. When the
-    latents or the window are full, half of the latents (`latent_chunk`) join the prefix at once and, if the prefix
-    is then too long, its oldest tokens leave the window. Moving a block at a time, not a token, is what keeps the
-    cache exact at a low cost: one full pass per `latent_chunk` tokens instead of one per token. (Moving one latent
-    per token would leave every cached latent computed for an older prefix boundary, and sliding by one token would
-    shift every absolute position in the cache.)
-    """
-    grown = Window(window.length + 1, window.num_latents + 1)
-    if grown.num_latents <= config.max_latents and grown.length <= config.max_seq_len:
-        return grown, False
-    room = latent_chunk(config.max_latents)  # tokens that can be added before the next fresh window
-    length = min(grown.length, config.max_seq_len - room)
-    return Window(length, min(length, max(1, config.max_latents - room))), True
-
-
-def reusable_prefix(old: Window, new: Window) -> int:
-    """How many positions of a cache built for window `old` stay exact in the fresh window `new` that follows it.
-
-    When the window grew in place (latents joined the prefix, nothing left), the old prefix keeps its positions and
-    its keys and values: a rebuild computes only the positions from there on, the latents and the tokens that just
-    joined the prefix. When the window slid, every position moved and nothing is reusable.
-    """
-    return old.prefix_len if new.length == old.length + 1 else 0
-
-
-def latent_chunk(max_latents: int) -> int:
-    return max(1, max_latents // 2)
-

@@ -18,7 +18,7 @@ from typing import Any, Callable
 from perceiver_cli.errors import UserError
 from perceiver_cli.files import atomic_directory
 from perceiver_cli.models.attention import fused_state_dict, unfused_state_dict
-from perceiver_cli.models.clm.decoding import DEFAULT_SCHEDULE
+from perceiver_cli.models.clm.windows import DEFAULT_SCHEDULE
 from perceiver_cli.models.huggingface import perceiver_for_masked_lm, perceiver_io_library
 from perceiver_cli.models.huggingface.files import (
     CONFIG_FILE,
