@@ -24,6 +24,7 @@ import torch
 
 from benchmarks import learning
 from benchmarks import models as bm
+from benchmarks import serve
 
 RESULTS: list[dict] = []  # one row each: name, ours, theirs, unit, ratio, note
 
@@ -289,7 +290,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="toy sizes: a smoke test that takes seconds")
     parser.add_argument("--out", type=Path, default=Path("benchmark-results"))
-    parser.add_argument("--only", nargs="*", choices=["mlm", "clm", "generate", "mfu", "help", "learning",
+    parser.add_argument("--only", nargs="*", choices=["mlm", "clm", "generate", "mfu", "help", "serve", "learning",
                                                        *learning.ROWS],
                         help="parts to run (default: all but learning); learning = its three rows")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="PRESET:KEY=VALUE",
@@ -309,7 +310,7 @@ def main() -> None:
     sizes["precisions"] = ["32"] + (["bf16-mixed"] if bf16_is_faster(sizes["peak_n"]) else [])
     args.out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
-    wanted = set(args.only or ["mlm", "clm", "generate", "mfu", "help"])
+    wanted = set(args.only or ["mlm", "clm", "generate", "mfu", "help", "serve"])
     if "learning" in wanted:
         wanted |= set(learning.ROWS)
     started = time.perf_counter()
@@ -329,6 +330,9 @@ def main() -> None:
             mfu_rows(sizes)
         if "help" in wanted:
             help_row()
+        if "serve" in wanted:
+            print("perceiver serve: concurrent streaming clients, batched vs one request at a time", flush=True)
+            serve.serve_rows(row, args.quick)
         if wanted & set(learning.ROWS):
             plots += learning.learning_rows(wanted, args.quick, args.out, row, overrides)
     print_table()

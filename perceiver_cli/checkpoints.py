@@ -13,14 +13,9 @@ from pathlib import Path
 from typing import Any
 
 from perceiver_cli.errors import UserError
-from perceiver_cli.files import atomic_path, read_safetensors, safe_torch_load, write_safetensors_file
-from perceiver_cli.models.saved_model import (
-    CHECKPOINT_KEY,
-    TASK_NAMES,
-    LoadedModel,
-    checkpoint_metadata,
-    model_from_metadata,
-)
+from perceiver_cli.files import atomic_path, write_safetensors_file
+from perceiver_cli.models.saved_files import load_checkpoint_file, load_safetensors_file
+from perceiver_cli.models.saved_model import CHECKPOINT_KEY, TASK_NAMES, LoadedModel, checkpoint_metadata
 from perceiver_cli.runs import run_checkpoint
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -77,11 +72,11 @@ def load_model(path: str | Path, task: str | None = None, device: str = "cpu") -
                     f"{path} holds no checkpoint (checkpoints/best.ckpt or checkpoints/last.ckpt) and no config.json",
                     hint="pass a run directory written by `perceiver train`, a checkpoint file or an exported model",
                 )
-            loaded = _load_lightning_checkpoint(checkpoint)
+            loaded = load_checkpoint_file(checkpoint)
     elif path.suffix == ".safetensors":
-        loaded = _load_safetensors(path)
+        loaded = load_safetensors_file(path)
     else:
-        loaded = _load_lightning_checkpoint(path)
+        loaded = load_checkpoint_file(path)
 
     if task is not None and loaded.task != task:
         raise UserError(
@@ -90,21 +85,3 @@ def load_model(path: str | Path, task: str | None = None, device: str = "cpu") -
         )
     loaded.model.to(device).eval()
     return loaded
-
-
-def _load_lightning_checkpoint(path: Path) -> LoadedModel:
-    checkpoint = safe_torch_load(path)
-    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
-        raise UserError(f"{path} is not a Lightning checkpoint (no state_dict)")
-    prefix = "model."
-    state_dict = {k[len(prefix) :]: v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)}
-    return model_from_metadata(checkpoint.get(CHECKPOINT_KEY), state_dict, path)
-
-
-def _load_safetensors(path: Path) -> LoadedModel:
-    state_dict, metadata = read_safetensors(path)
-    try:
-        meta = json.loads(metadata[CHECKPOINT_KEY])
-    except (KeyError, json.JSONDecodeError):
-        raise UserError(f"{path} has no perceiver model description in its metadata") from None
-    return model_from_metadata(meta, state_dict, path)

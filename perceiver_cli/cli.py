@@ -22,8 +22,10 @@ COMMANDS = {
     "eval": "eval:evaluate",
     "generate": "generate:generate",
     "fill-mask": "fill_mask:fill_mask",
+    "serve": "serve:serve",
     "convert": "convert:convert",
     "presets": "presets:app",
+    "tokenizer": "tokenizer:app",
 }
 
 # Plain click help (rich_markup_mode=None) renders without importing rich, in half the time of rich help.

@@ -86,6 +86,10 @@ class OptimizerSection(Section):
     weight_decay: float = Field(default=0.0, ge=0.0)
     betas: tuple[Annotated[float, Field(ge=0.0, lt=1.0)], Annotated[float, Field(ge=0.0, lt=1.0)]] = (0.9, 0.999)
     eps: float = Field(default=1e-8, gt=0.0)
+    # name = "muon" only: Muon's lr and momentum for the hidden weight matrices (unset: 0.02 and 0.95, the published
+    # recipe's); lr, betas and eps are then AdamW's, for embeddings, norms and biases (models/optim.py).
+    muon_lr: float | None = Field(default=None, gt=0.0)
+    muon_momentum: float | None = Field(default=None, ge=0.0, lt=1.0)
 
 
 class SchedulerSection(Section):
@@ -294,7 +298,18 @@ def _check_run(cfg: RunConfig) -> list[tuple[str, str]]:
             errors.append(("trainer.max_time", f"expected DD:HH:MM:SS, got {t.max_time!r}"))
     if isinstance(t.val_check_interval, float) and t.val_check_interval > 1.0:
         errors.append(("trainer.val_check_interval", "a fraction of an epoch must be at most 1.0; use an int for steps"))
-    return errors + _check_fsdp(cfg)
+    return errors + _check_optimizer(cfg) + _check_fsdp(cfg)
+
+
+def _check_optimizer(cfg: RunConfig) -> list[tuple[str, str]]:
+    o = cfg.optimizer
+    if o.name == "muon":
+        if cfg.trainer.strategy == "fsdp":  # FSDP hands the optimizer flat 1-d shards; Muon needs whole matrices
+            return [("optimizer.name", 'Muon needs whole weight matrices, which strategy "fsdp" shards: use "ddp" '
+                                       'or another optimizer')]
+        return []
+    return [(f"optimizer.{key}", f'applies to name = "muon" only (the optimizer is "{o.name}"): leave it unset')
+            for key in ("muon_lr", "muon_momentum") if getattr(o, key) is not None]
 
 
 def _check_data_document(data: DataSection) -> list[tuple[str, str]]:

@@ -1,7 +1,9 @@
 """Text generation with a Perceiver AR causal LM: sampling rules, the generation protocol with its key/value cache,
 and incremental decoding of generated tokens into text.
 
-`perceiver generate` and training's validation samples both call `generate`; nothing here knows the command line.
+`perceiver generate` and training's validation samples both call `generate`; `perceiver serve` runs
+`ContinuousBatch`, the same sampling and stepper for prompts that join and leave a running batch. Nothing here knows
+the command line or HTTP.
 
 The generation protocol is `perceiver_cli.models.clm.decoding.WindowStepper`'s, the stepper the Hugging Face export's
 `generate()` runs too: the model sees a window of at most `max_seq_len` tokens, its last tokens the latents (the
@@ -22,7 +24,7 @@ import torch
 from perceiver_cli.errors import UserError
 from perceiver_cli.models.clm.decoding import WindowStepper
 from perceiver_cli.models.clm.model import CausalLanguageModel, CausalLanguageModelConfig
-from perceiver_cli.models.clm.windows import DEFAULT_SCHEDULE, check_schedule, first_window
+from perceiver_cli.models.clm.windows import DEFAULT_SCHEDULE, check_schedule, first_window, left_pad
 
 # ---------------------------------------------------------------------------------------------------------------
 # Settings
@@ -119,6 +121,33 @@ def choose_tokens(logits: torch.Tensor, do_sample: bool, generator: torch.Genera
     return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator)[:, 0]
 
 
+class TokenSampler:
+    """The next token of each of a prompt's `num_return_sequences` sequences, one step at a time: the logits
+    processed by `process_logits`, then chosen by `choose_tokens` with the settings' random generator, which
+    `settings.seed` seeds (None: a fresh draw), and the tokens each sequence holds for the repetition penalty (the
+    prompt's count, as in Hugging Face). `generate_tokens` samples with one; the server's continuous batch with one
+    per prompt, so that what runs beside a prompt never moves its draws."""
+
+    def __init__(self, settings: GenerationSettings, prompt: torch.Tensor, vocab_size: int):
+        self.settings = settings
+        self.batch_size = settings.num_return_sequences
+        self.generator = torch.Generator(prompt.device)
+        if settings.seed is None:
+            self.generator.seed()
+        else:
+            self.generator.manual_seed(settings.seed)
+        self.seen = torch.zeros(self.batch_size, vocab_size, dtype=torch.bool, device=prompt.device)
+        self.seen[:, prompt] = True
+
+    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
+        """Next tokens (B,) from next-token logits (B, V)."""
+        settings = self.settings
+        tokens = choose_tokens(process_logits(logits, self.seen, settings), settings.do_sample, self.generator)
+        if settings.repetition_penalty != 1.0:
+            self.seen[torch.arange(self.batch_size, device=tokens.device), tokens] = True
+        return tokens
+
+
 def generate_tokens(
     model: CausalLanguageModel, prompt_ids: list[int], settings: GenerationSettings
 ) -> Iterator[torch.Tensor]:
@@ -131,15 +160,7 @@ def generate_tokens(
     prompt = torch.tensor(prompt_ids[-model.max_seq_len :], dtype=torch.long, device=device)
     batch_size = settings.num_return_sequences
     stepper = WindowStepper(model, settings.schedule, settings.use_cache)
-
-    generator = torch.Generator(device)
-    if settings.seed is None:
-        generator.seed()
-    else:
-        generator.manual_seed(settings.seed)
-    # Which tokens each sequence holds, for the repetition penalty (prompt tokens count, as in Hugging Face).
-    seen = torch.zeros(batch_size, model.config.vocab_size, dtype=torch.bool, device=device)
-    seen[:, prompt] = True
+    sample = TokenSampler(settings, prompt, model.config.vocab_size)
 
     with torch.inference_mode():
         logits = stepper.start(prompt[None], num_latents=settings.num_latents)
@@ -147,9 +168,7 @@ def generate_tokens(
         stepper.repeat_interleave(batch_size)
     logits = logits.expand(batch_size, -1)
     for step in range(settings.max_new_tokens):
-        tokens = choose_tokens(process_logits(logits, seen, settings), settings.do_sample, generator)
-        if settings.repetition_penalty != 1.0:
-            seen[torch.arange(batch_size, device=device), tokens] = True
+        tokens = sample(logits)
         yield tokens
         if step + 1 < settings.max_new_tokens:
             with torch.inference_mode():
@@ -305,3 +324,180 @@ def generate(
     for i, sequence in enumerate(sequences):
         emit(i, sequence.finish())
     return [GeneratedSequence(s.text, s.num_tokens, s.finish_reason) for s in sequences]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Continuous batching: prompts that join and leave a running batch
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class BatchMember:
+    """One prompt in a `ContinuousBatch`: its `num_return_sequences` rows, their sampler and their text so far."""
+
+    def __init__(self, prompt_ids: list[int], settings: GenerationSettings, sampler: TokenSampler, tokenizer, key):
+        self.prompt_ids = prompt_ids
+        self.settings = settings
+        self.sampler = sampler
+        eos = tokenizer.eos_token_id if settings.stop_at_eos else None
+        self.sequences = [SequenceText(tokenizer, settings.stop, eos) for _ in range(settings.num_return_sequences)]
+        self.key = key  # the caller's: which request this prompt belongs to
+        self.num_steps = 0  # tokens sampled per row so far
+        self.reported = [False] * len(self.sequences)  # whether a row's finish has been returned by `step`
+        self.done = False  # every row finished (or ended): the member has left the batch
+
+    @property
+    def num_rows(self) -> int:
+        return len(self.sequences)
+
+    def results(self) -> list[GeneratedSequence]:
+        return [GeneratedSequence(s.text, s.num_tokens, s.finish_reason) for s in self.sequences]
+
+
+@dataclass
+class TextUpdate:
+    """What one step released for one row: its new text (may be empty) and, on its last update, why it ended."""
+
+    member: BatchMember
+    index: int  # the row within the member, 0 to num_return_sequences - 1
+    text: str
+    finish_reason: str | None = None  # "length", "stop", "eos", or the reason given to `ContinuousBatch.end`
+
+
+class ContinuousBatch:
+    """`generate` for prompts that arrive while others are being generated, one token per step for all of them: the
+    server's continuous batching. Prompts join between steps (`add`), each with its own settings, random generator
+    and stop strings, and leave when their sequences are done or when ended (`end`: a client went away); one
+    `WindowStepper` runs every row.
+
+    A member samples as `generate` does for its prompt and settings alone (`TokenSampler`: its own seeded generator,
+    its own repetition penalty), so the others never move its draws. Its rows run in the stepper's groups, which
+    never mix rows of different windows: prompts added in one call that have the same length share a group and run
+    as one batch (one pass per step for all of them); a prompt added alone (or alone of its length) is a group of its
+    own, whose passes are `generate`'s, and gets `generate`'s tokens exactly. In a shared group a row's logits can
+    differ from its logits alone in the last bits (batched matrix products round differently), so a sampled token
+    differs only where a draw falls within such a rounding of a boundary between two tokens.
+
+    Not thread-safe: one thread (the server's model thread) calls everything, under `torch.inference_mode()`.
+    """
+
+    def __init__(self, model: CausalLanguageModel, tokenizer, schedule: str = DEFAULT_SCHEDULE, use_cache: bool = True):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.stepper = WindowStepper(model, schedule, use_cache)
+        self.members: list[BatchMember] = []  # in row order: each member's rows follow the previous member's
+        self.logits: torch.Tensor | None = None  # (B, V) the next-token logits of every row
+        self.device = next(model.parameters()).device
+
+    @property
+    def num_rows(self) -> int:
+        return sum(member.num_rows for member in self.members)
+
+    def add(self, prompts: list[tuple[list[int], GenerationSettings, object]]) -> list[BatchMember]:
+        """Start (prompt_ids, settings, key) triples: one pass over each prompt's window (prompts of one length
+        together), and their rows join the batch. Settings must use the batch's schedule and cache setting; a
+        prompt longer than `max_seq_len` keeps its last `max_seq_len` tokens, as in `generate`."""
+        stepper = self.stepper
+        new_members, new_logits = [], []
+        by_latents: dict[int | None, list[int]] = {}  # the stepper starts one num_latents per call
+        for i, (prompt_ids, settings, _) in enumerate(prompts):
+            settings.validate(self.model.max_latents)
+            if settings.schedule != stepper.schedule or settings.use_cache != stepper.use_cache:
+                raise ValueError("every prompt of a batch must use the batch's schedule and cache setting")
+            if not prompt_ids:
+                raise UserError("the prompt is empty: give the model at least one token to continue")
+            by_latents.setdefault(settings.num_latents, []).append(i)
+        order = [i for indices in by_latents.values() for i in indices]
+        for num_latents, indices in by_latents.items():
+            pieces = [
+                torch.tensor(prompts[i][0][-self.model.max_seq_len :], dtype=torch.long, device=self.device)
+                for i in indices
+            ]
+            input_ids, pad_mask = left_pad(pieces)
+            attention_mask = None if pad_mask is None else ~pad_mask
+            new_logits.append(stepper.add(input_ids, attention_mask, num_latents=num_latents))
+            for i, prompt in zip(indices, pieces):
+                prompt_ids, settings, key = prompts[i]
+                sampler = TokenSampler(settings, prompt, self.model.config.vocab_size)
+                new_members.append(BatchMember(prompt_ids, settings, sampler, self.tokenizer, key))
+        # Each prompt's row becomes num_return_sequences rows: computed once, then tokens and cache are copied.
+        first_new = stepper.batch_size - len(prompts)
+        copies = torch.tensor([m.num_rows for m in new_members], device=self.device)
+        rows = torch.arange(first_new, stepper.batch_size, device=self.device).repeat_interleave(copies)
+        if not torch.equal(copies, torch.ones_like(copies)):
+            stepper.select(torch.cat([torch.arange(first_new, device=self.device), rows]))
+        logits = torch.cat(new_logits).repeat_interleave(copies, dim=0)
+        self.logits = logits if self.logits is None else torch.cat([self.logits, logits])
+        self.members += new_members
+        by_prompt = dict(zip(order, new_members))
+        return [by_prompt[i] for i in range(len(prompts))]
+
+    def step(self) -> list[TextUpdate]:
+        """Sample the next token of every row and return the text it releases; members whose sequences are all done
+        (or that reached max_new_tokens) leave, and the others' windows take their new tokens."""
+        updates: list[TextUpdate] = []
+        kept_tokens = []
+        kept = []
+        start = 0
+        for member in self.members:
+            end = start + member.num_rows
+            tokens = member.sampler(self.logits[start:end])
+            member.num_steps += 1
+            for i, token in enumerate(tokens.tolist()):
+                sequence = member.sequences[i]
+                text = sequence.add(token)
+                if sequence.finish_reason is not None and not member.reported[i]:
+                    member.reported[i] = True
+                    updates.append(TextUpdate(member, i, text, sequence.finish_reason))
+                elif text:
+                    updates.append(TextUpdate(member, i, text))
+            if member.num_steps >= member.settings.max_new_tokens or all(member.reported):
+                updates += self._finish(member, None)
+            else:
+                kept.append(member)
+                kept_tokens.append(tokens)
+            start = end
+        if len(kept) < len(self.members):
+            self._keep(kept)
+        if self.members:
+            self.logits = self.stepper.step(torch.cat(kept_tokens))
+        return updates
+
+    def end(self, member: BatchMember, reason: str | None = None) -> list[TextUpdate]:
+        """Make `member` leave now: its rows still running end with `reason` (and the text they held back), or
+        silently when `reason` is None (nobody is listening)."""
+        if member.done:
+            return []
+        updates = self._finish(member, reason) if reason is not None else []
+        member.done = True
+        self._keep([m for m in self.members if m is not member])
+        return updates
+
+    def _finish(self, member: BatchMember, reason: str | None) -> list[TextUpdate]:
+        """The last update of each row not yet finished: what it held back, and `reason` (None: max_new_tokens)."""
+        updates = []
+        for i, sequence in enumerate(member.sequences):
+            if not member.reported[i]:
+                text = sequence.finish()
+                if reason is not None:
+                    sequence.finish_reason = reason
+                member.reported[i] = True
+                updates.append(TextUpdate(member, i, text, sequence.finish_reason))
+        member.done = True
+        return updates
+
+    def _keep(self, members: list[BatchMember]) -> None:
+        """Keep these members' rows (in order), drop the others'."""
+        starts, start = {}, 0
+        for member in self.members:
+            starts[id(member)] = start
+            start += member.num_rows
+        self.members = members
+        if not members:
+            self.stepper.reset()
+            self.logits = None
+            return
+        index = torch.cat(
+            [torch.arange(starts[id(m)], starts[id(m)] + m.num_rows, device=self.device) for m in members]
+        )
+        self.stepper.select(index)
+        self.logits = self.logits[index]

@@ -44,6 +44,7 @@ LAYERS = {
     "evaluation": 3,
     "harness": 3,
     "model_choice": 3,
+    "serving": 3,
     "commands": 4,
     "cli": 4,
     "__main__": 4,

@@ -76,7 +76,14 @@ BAD_PRESETS = {
     "out of range": ('[model]\ntask = "clm"\n[data]\nbatch_size = 0\nmask_prob = 1.5\n[trainer]\nmax_steps = 1\n',
                      ["data.batch_size:", "data.mask_prob:"]),
     "unknown choice": ('[model]\ntask = "clm"\n[optimizer]\nname = "sgd"\n[trainer]\nmax_steps = 1\n',
-                       ["optimizer.name: Input should be 'adam', 'adamw' or 'lamb'"]),
+                       ["optimizer.name: Input should be 'adam', 'adamw', 'lamb' or 'muon'"]),
+    "muon settings of another optimizer (reported with the others)": (
+        '[model]\ntask = "clm"\n[optimizer]\nname = "adamw"\nmuon_lr = 0.02\nmuon_momentum = 0.9\n',
+        ['optimizer.muon_lr: applies to name = "muon" only', 'optimizer.muon_momentum: applies to name = "muon" only',
+         "trainer.max_steps: set max_steps"],
+    ),
+    "muon under fsdp": ('[model]\ntask = "clm"\n[optimizer]\nname = "muon"\n[trainer]\nmax_steps = 1\n'
+                        'strategy = "fsdp"\naccelerator = "gpu"\n', ['optimizer.name: Muon needs whole weight']),
     "unknown task": ('[model]\ntask = "gpt"\n', ['model: task must be "clm" or "mlm"']),
     "missing task": ("[model]\nnum_heads = 4\n", ["model.task: missing"]),
     "contradictions (all reported)": (

@@ -11,6 +11,7 @@ import torch
 
 from perceiver_cli.data.tokenizer import load_tokenizer
 from perceiver_cli.generation import (
+    ContinuousBatch,
     GenerationSettings,
     SequenceText,
     generate,
@@ -471,3 +472,61 @@ def test_generate_bad_input_in_a_real_process(runs):
     )
     assert result.returncode == 2
     assert result.stderr == "error: top-p must be greater than 0 and at most 1, got 1.5\n"
+
+
+# --- continuous batching (the server's) -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("schedule", ["chunked", "sliding"])
+def test_prompts_that_join_and_leave_a_running_batch_generate_what_generate_does(schedule):
+    # Prompts join every third step, each with its own settings and seed, one (of 2 copies) ends early, and one leaves
+    # mid-way: every other one gets `generate`'s sequences exactly (each is added alone, so it runs as it runs alone),
+    # through the cache's rebuilds and the window's slide (60 + 70 tokens > max_seq_len 48).
+    model, tokenizer = clm(), load_tokenizer("utf8", padding_side="left")
+    cases = [
+        (prompt_of(5), GenerationSettings(max_new_tokens=30, seed=1, schedule=schedule)),
+        (prompt_of(20), GenerationSettings(max_new_tokens=70, seed=2, temperature=0.7, top_p=0.9, schedule=schedule)),
+        (prompt_of(2), GenerationSettings(max_new_tokens=20, seed=3, num_return_sequences=3, top_k=20,
+                                          repetition_penalty=1.3, schedule=schedule)),
+        (prompt_of(60), GenerationSettings(max_new_tokens=25, do_sample=False, schedule=schedule)),
+        (prompt_of(5), GenerationSettings(max_new_tokens=40, seed=4, schedule=schedule)),  # leaves after 10 steps
+    ]
+    free = generate(model, tokenizer, cases[0][0], cases[0][1])[0].text  # a stop string the first one reaches
+    cases[0][1].stop = (free[12:14],)
+    expected = [generate(model, tokenizer, ids, settings) for ids, settings in cases]
+    assert expected[0][0].finish_reason == "stop"
+
+    batch, members, results, step = ContinuousBatch(model, tokenizer, schedule), [], {}, 0
+    with torch.inference_mode():
+        while step < 3 * len(cases) or batch.members:
+            if step % 3 == 0 and step // 3 < len(cases):
+                ids, settings = cases[step // 3]
+                members += batch.add([(ids, settings, step // 3)])
+            if step == 12 + 10:
+                assert batch.end(members[4]) == [] and members[4].done
+            for update in batch.step():
+                results.setdefault(update.member.key, []).append(update)
+            step += 1
+    for i, member in enumerate(members[:4]):
+        assert member.done and member.results() == expected[i], i
+        for row, sequence in enumerate(expected[i]):  # the updates spell out the text, and end with its reason
+            updates = [u for u in results[i] if u.index == row]
+            assert "".join(u.text for u in updates) == sequence.text
+            assert [u.finish_reason for u in updates if u.finish_reason] == [sequence.finish_reason]
+    assert batch.num_rows == 0 and batch.stepper.batch_size == 0
+
+
+def test_prompts_of_one_length_added_together_share_a_pass():
+    model, tokenizer = clm(), load_tokenizer("utf8", padding_side="left")
+    batch = ContinuousBatch(model, tokenizer)
+    settings = [GenerationSettings(max_new_tokens=5, seed=i, stop_at_eos=False) for i in range(4)]
+    with torch.inference_mode():
+        batch.add([(prompt_of(7), settings[0], 0), (prompt_of(9), settings[1], 1), (prompt_of(7)[::-1], settings[2],
+                                                                                     2)])
+        assert batch.num_rows == 3 and len(batch.stepper.groups) == 2  # lengths 7 and 9
+        batch.step()
+        batch.add([(prompt_of(7), settings[3], 3)])  # the same length, a step later: a window of its own
+        assert len(batch.stepper.groups) == 3
+        while batch.members:
+            batch.step()
+    assert batch.stepper.groups == []

@@ -185,6 +185,20 @@ class TextDataModule(pl.LightningDataModule):
     def val_dataloader(self) -> DataLoader:
         return self._loader(ChunkDataset(self.chunks["validation"]), self._collator(train=False))
 
+    def run_data(self) -> dict:
+        """These data as the [data] section of a run config: what a checkpoint records of its training data (and
+        `perceiver eval` reads back) when no run config records it (a Lightning CLI run)."""
+        o = self.source_options
+        return {
+            "source": o["source"], "path": o["path"], "name": o["name"], "config_name": o["config"],
+            "text_column": o["text_column"], "document": o["document"], "tokenizer": self.tokenizer_spec,
+            "max_seq_len": self._max_seq_len, "batch_size": self.batch_size,
+            "padding_side": self._tokenizer.padding_side, "random_shift": self.random_shift,
+            "random_truncation": self.truncation["random_truncation"], "min_seq_len": self.truncation["min_seq_len"],
+            "mask_prob": self.mask_options["mask_prob"], "whole_word_masking": self.mask_options["whole_word_masking"],
+            "static_masking": self.static_masking, "validation_fraction": o["validation_fraction"],
+        }
+
     def describe(self) -> dict:
         """Per split: number of chunks and of tokens, e.g. {"train": {"chunks": 4597, "tokens": 2357921}, ...}."""
         return {

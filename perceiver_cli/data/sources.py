@@ -216,9 +216,10 @@ def _load_hub(name: str, config: str | None, text_column: str):
     return _select_text_column(splits, text_column, where=f"dataset {what}")
 
 
-def hub_status(name: str, timeout: float = HUB_PROBE_TIMEOUT_S) -> str:
-    """"online" if the Hub describes dataset `name` within about `timeout` seconds, "missing" if the Hub answers
-    that it does not exist (or is gated), else "unreachable" (also at once when HF_HUB_OFFLINE=1 is set).
+def hub_status(name: str, timeout: float = HUB_PROBE_TIMEOUT_S, repo_type: str = "dataset") -> str:
+    """"online" if the Hub describes dataset `name` (or the repository of `repo_type`, e.g. "model") within about
+    `timeout` seconds, "missing" if the Hub answers that it does not exist (or is gated), else "unreachable" (also
+    at once when HF_HUB_OFFLINE=1 is set).
 
     A TCP connect is not enough of a test: sandboxes and corporate proxies accept connections to any address. The
     probe uses the same HTTP stack (proxy, certificates, token, HF_ENDPOINT) as the download that follows, and runs
@@ -232,7 +233,7 @@ def hub_status(name: str, timeout: float = HUB_PROBE_TIMEOUT_S) -> str:
 
     def probe() -> None:
         try:
-            HfApi().dataset_info(name, timeout=timeout)
+            getattr(HfApi(), f"{repo_type}_info")(name, timeout=timeout)  # dataset_info, model_info
             answer[0] = "online"
         except RepositoryNotFoundError:  # includes GatedRepoError
             answer[0] = "missing"

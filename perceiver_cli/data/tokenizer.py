@@ -137,3 +137,63 @@ def _byte_characters() -> dict[int, str]:
     printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
     others = [b for b in range(256) if b not in printable]
     return {b: chr(b) for b in printable} | {b: chr(256 + i) for i, b in enumerate(others)}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Training a byte-level BPE tokenizer on a corpus (`perceiver tokenizer train`)
+# ---------------------------------------------------------------------------------------------------------------
+
+# What the pipeline needs of a tokenizer: [PAD] pads batches, [EOS] ends every document (CLM and MLM), [MASK],
+# [CLS] and [SEP] make masked-LM inputs ("[CLS] chunk [SEP]", as the fill-mask pipeline encodes a text). Ids 0-4.
+BPE_SPECIAL_TOKENS = ("[PAD]", "[EOS]", "[MASK]", "[CLS]", "[SEP]")
+BYTE_ALPHABET = 256
+
+
+def min_bpe_vocab_size() -> int:
+    """The smallest vocabulary a byte-level BPE can have: the special tokens and one token per byte."""
+    return len(BPE_SPECIAL_TOKENS) + BYTE_ALPHABET
+
+
+def train_bpe_tokenizer(texts, vocab_size: int, length: int | None = None, min_frequency: int = 2):
+    """A byte-level BPE tokenizer (GPT-2's pre-tokenization: merges never cross a word, a space starts the word
+    after it) trained on `texts` (an iterable of strings or of lists of strings; `length`: how many, for the
+    progress) with at most `vocab_size` tokens: `BPE_SPECIAL_TOKENS` (ids 0-4), the 256 bytes, then the merges
+    seen at least `min_frequency` times, most frequent first (a small corpus may give fewer). Lossless: every text
+    encodes, with no unknown token, and decodes back exactly. Returns a PreTrainedTokenizerFast: `save_pretrained`
+    writes the directory that `load_tokenizer` (and `data.tokenizer`) takes.
+
+    Its start-of-text token is [EOS], as in the exported "utf8" tokenizer: training separates documents with it.
+    `tokenizer(text)` wraps a text as [CLS] text [SEP] (as PerceiverTokenizer does, for fill-mask); the training
+    pipeline and generation encode without special tokens, and a causal LM's export drops the wrapping."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    if vocab_size < min_bpe_vocab_size():
+        raise UserError(
+            f"vocabulary size {vocab_size} is smaller than the byte alphabet: a byte-level BPE needs at least "
+            f"{min_bpe_vocab_size()} tokens ({BYTE_ALPHABET} bytes and {len(BPE_SPECIAL_TOKENS)} special tokens)"
+        )
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=min_frequency,
+        special_tokens=list(BPE_SPECIAL_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),  # every byte, seen or not: nothing is unknown
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(texts, trainer=trainer, length=length)
+    cls, sep = tokenizer.token_to_id("[CLS]"), tokenizer.token_to_id("[SEP]")
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", cls), ("[SEP]", sep)]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        pad_token="[PAD]",
+        bos_token="[EOS]",
+        eos_token="[EOS]",
+        mask_token="[MASK]",
+        cls_token="[CLS]",
+        sep_token="[SEP]",
+    )

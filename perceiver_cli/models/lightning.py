@@ -1,21 +1,34 @@
 """PyTorch Lightning wrappers of the backend language models: losses, logging, optimizers.
 
-Each wrapper's constructor takes the model config's fields as JSON-able values and saves them as hyperparameters,
-so a checkpoint alone rebuilds its model (and loads with `torch.load(weights_only=True)`).
+Each wrapper's constructor takes the model config's fields as typed parameters, as the seed's wrappers do, so that
+the Lightning CLI (examples/mlm.py, examples/clm.py) shows and binds them as `--model.*` options: the causal LM's
+flat fields, the masked LM's `encoder: TextEncoderConfig` and `decoder: TextDecoderConfig` groups and its own
+fields. `params` names the weights to start from. The hyperparameters saved are plain values (configs as dicts), so
+a checkpoint alone rebuilds its model and loads with `torch.load(weights_only=True)`; checkpoints of earlier
+versions, whose hyperparameters were `optimizer`, `scheduler` and the config's fields, load unchanged.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import asdict, fields, is_dataclass
+from pathlib import Path
+from typing import Any, Literal
 
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 
+from perceiver_cli.errors import UserError
 from perceiver_cli.models.clm.model import CausalLanguageModel, CausalLanguageModelConfig
-from perceiver_cli.models.mlm.model import MaskedLanguageModel, MaskedLanguageModelConfig
+from perceiver_cli.models.mlm.model import (
+    MaskedLanguageModel,
+    MaskedLanguageModelConfig,
+    TextDecoderConfig,
+    TextEncoderConfig,
+)
 from perceiver_cli.models.optim import build_optimizer, build_scheduler
-from perceiver_cli.models.saved_model import CHECKPOINT_KEY, checkpoint_metadata
+from perceiver_cli.models.saved_files import load_checkpoint_file, load_safetensors_file
+from perceiver_cli.models.saved_model import CHECKPOINT_KEY, TASK_NAMES, LoadedModel, checkpoint_metadata
 
 Batch = dict[str, torch.Tensor]
 
@@ -46,6 +59,53 @@ class LitLanguageModel(pl.LightningModule):
     @property
     def backend_model(self) -> torch.nn.Module:
         return self.model
+
+    @classmethod
+    def load_from_checkpoint(cls, checkpoint_path, *args: Any, **kwargs: Any):
+        # The checkpoint's own weights replace whatever `params` named when it was trained (as in the seed): loading
+        # those again would only cost time, or fail where they are no longer at hand.
+        kwargs.setdefault("params", None)
+        return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)
+
+    def start_from(self, source: str) -> None:
+        """Load the weights of `source` (see `load_params`) into the backend model, which must have the same
+        architecture."""
+        loaded = load_params(source, self.task)
+        ours, theirs = self.model.state_dict(), loaded.model.state_dict()
+        mismatched = [name for name, t in theirs.items() if name not in ours or ours[name].shape != t.shape]
+        if mismatched or theirs.keys() != ours.keys():
+            raise UserError(
+                f"model.params {source}: its architecture differs from this model's ({len(mismatched)} tensors differ "
+                f"in name or shape, e.g. {', '.join(mismatched[:3]) or 'missing keys'})",
+                hint=f"set the --model.* options to the source model's config: {loaded.config.to_dict()}",
+            )
+        self.model.load_state_dict(theirs)
+        if loaded.tokenizer:
+            self.tokenizer_spec = loaded.tokenizer
+
+    def setup(self, stage: str) -> None:
+        # Under the Lightning CLI nobody sets tokenizer_spec and run_config (the train command does): the data
+        # module knows them. It must also prepare data for this model's task, padded on the side the model needs.
+        datamodule = self.trainer.datamodule if self._trainer is not None else None
+        if datamodule is None:
+            return
+        task = getattr(datamodule, "task", self.task)
+        if task != self.task:
+            raise UserError(
+                f"the data module prepares {task} data, but this is a {self.task} model: set --data.task={self.task}"
+            )
+        tokenizer = getattr(datamodule, "tokenizer", None)
+        side = "left" if self.task == "clm" else "right"
+        if tokenizer is not None and tokenizer.padding_side != side:
+            raise UserError(
+                f"the {self.task} model needs data padded on the {side}, not the {tokenizer.padding_side}: "
+                f"set --data.padding_side={side} or leave it unset"
+            )
+        spec = getattr(datamodule, "tokenizer_spec", None)
+        if isinstance(spec, str):
+            self.tokenizer_spec = spec
+        if self.run_config is None and hasattr(datamodule, "run_data"):
+            self.run_config = {"model": {"task": self.task}, "data": datamodule.run_data()}
 
     def compile_model(self) -> None:
         """Train through `torch.compile(model)`. Kept outside the module tree, so checkpoints keep plain names."""
@@ -127,22 +187,37 @@ class LitMaskedLanguageModel(LitLanguageModel):
 
     def __init__(
         self,
-        encoder: dict[str, Any],
-        decoder: dict[str, Any],
+        encoder: TextEncoderConfig,
+        decoder: TextDecoderConfig,
         num_latents: int,
         num_latent_channels: int,
         activation_checkpointing: bool = False,
         activation_offloading: bool = False,
-        routing_init: str = "random",
+        routing_init: Literal["random", "blocks"] = "random",
+        params: str | None = None,
         optimizer: dict[str, Any] | None = None,
         scheduler: dict[str, Any] | None = None,
     ):
+        """Perceiver IO masked language model (`MaskedLanguageModelConfig`'s fields).
+
+        Args:
+            encoder: Encoder and input adapter (`TextEncoderConfig`; a dict of its fields works too).
+            decoder: Decoder and output adapter (`TextDecoderConfig`; a dict of its fields works too).
+            num_latents: Number of latent vectors.
+            num_latent_channels: Channels of each latent vector.
+            activation_checkpointing: Recompute activations in the backward pass to save memory.
+            activation_offloading: Keep saved activations in host memory.
+            routing_init: "random" (as the reference) or "blocks" (see models/mlm/block_routing.py).
+            params: Weights to start from: a checkpoint or safetensors file, an exported model directory or a
+                Hugging Face Hub model name (e.g. krasserm/perceiver-io-mlm).
+            optimizer: `perceiver train`'s optimizer settings (name, lr, ...), used unless --optimizer is given.
+            scheduler: `perceiver train`'s learning-rate schedule (name, warmup_steps, ...).
+        """
         super().__init__(optimizer, scheduler)
-        self.save_hyperparameters()
         config = MaskedLanguageModelConfig.from_dict(
             dict(
-                encoder=encoder,
-                decoder=decoder,
+                encoder=_as_dict(encoder),
+                decoder=_as_dict(decoder),
                 num_latents=num_latents,
                 num_latent_channels=num_latent_channels,
                 activation_checkpointing=activation_checkpointing,
@@ -150,7 +225,10 @@ class LitMaskedLanguageModel(LitLanguageModel):
                 routing_init=routing_init,
             )
         )
+        self.save_hyperparameters(config.to_dict() | dict(params=params, optimizer=optimizer, scheduler=scheduler))
         self.model = MaskedLanguageModel(config)
+        if params is not None:
+            self.start_from(params)
 
     @classmethod
     def create(cls, config: MaskedLanguageModelConfig, **kwargs: Any) -> "LitMaskedLanguageModel":
@@ -171,10 +249,57 @@ class LitMaskedLanguageModel(LitLanguageModel):
 class LitCausalLanguageModel(LitLanguageModel):
     task = "clm"
 
-    def __init__(self, optimizer: dict[str, Any] | None = None, scheduler: dict[str, Any] | None = None, **config):
+    def __init__(
+        self,
+        vocab_size: int = 262,
+        max_seq_len: int = 4096,
+        max_latents: int = 512,
+        num_channels: int = 512,
+        num_heads: int = 8,
+        max_heads_parallel: int | None = None,
+        num_self_attention_layers: int = 8,
+        num_self_attention_rotary_layers: int = 1,
+        self_attention_widening_factor: int = 4,
+        cross_attention_widening_factor: int = 4,
+        cross_attention_dropout: float = 0.5,
+        post_attention_dropout: float = 0.0,
+        residual_dropout: float = 0.0,
+        output_norm: bool = False,
+        output_bias: bool = True,
+        abs_pos_emb: bool = True,
+        init_scale: float = 0.02,
+        activation_checkpointing: bool = False,
+        activation_offloading: bool = False,
+        params: str | None = None,
+        optimizer: dict[str, Any] | None = None,
+        scheduler: dict[str, Any] | None = None,
+    ):
+        """Perceiver AR causal language model (`CausalLanguageModelConfig`'s fields, with its defaults).
+
+        Args:
+            vocab_size: Number of token ids (the Lightning CLI links it to the data module's).
+            max_seq_len: Longest input, prefix plus latents (the Lightning CLI links it to the data module's).
+            max_latents: Number of latent positions: the last positions of the input, the ones predicted.
+            num_channels: Model width.
+            num_heads: Attention heads.
+            max_heads_parallel: Attend with at most this many heads at a time (bounds memory).
+            num_self_attention_layers: Self-attention layers over the latents.
+            num_self_attention_rotary_layers: Self-attention layers with rotary position embedding (-1: all).
+            cross_attention_dropout: Fraction of prefix positions dropped per example in training.
+            post_attention_dropout: Dropout on attention probabilities.
+            residual_dropout: Dropout on residual branches.
+            params: Weights to start from: a checkpoint or safetensors file, an exported model directory or a
+                Hugging Face Hub model name.
+            optimizer: `perceiver train`'s optimizer settings (name, lr, ...), used unless --optimizer is given.
+            scheduler: `perceiver train`'s learning-rate schedule (name, warmup_steps, ...).
+        """
+        values = locals()
         super().__init__(optimizer, scheduler)
-        self.save_hyperparameters()
-        self.model = CausalLanguageModel(CausalLanguageModelConfig.from_dict(config))
+        config = CausalLanguageModelConfig(**{f.name: values[f.name] for f in fields(CausalLanguageModelConfig)})
+        self.save_hyperparameters(config.to_dict() | dict(params=params, optimizer=optimizer, scheduler=scheduler))
+        self.model = CausalLanguageModel(config)
+        if params is not None:
+            self.start_from(params)
 
     @classmethod
     def create(cls, config: CausalLanguageModelConfig, **kwargs: Any) -> "LitCausalLanguageModel":
@@ -189,3 +314,35 @@ class LitCausalLanguageModel(LitLanguageModel):
         prefix_len = max(0, x.shape[1] - self.model.max_latents)
         logits = self.run_model(x, prefix_len, pad_mask=pad_mask)  # (B, L, V)
         return self.token_mean_loss(logits.flatten(0, 1), labels[:, prefix_len:].flatten())
+
+
+def _as_dict(config: Any) -> dict[str, Any]:
+    """A config's fields: from the dataclass the Lightning CLI builds, or the dict a checkpoint holds."""
+    return asdict(config) if is_dataclass(config) else dict(config)
+
+
+def load_params(source: str, task: str) -> LoadedModel:
+    """The model `params` names: a checkpoint or safetensors file written by perceiver, an exported model directory
+    (with a config.json: ours, transformers' or the perceiver-io library's) or the name of such a model on the
+    Hugging Face Hub."""
+    path = Path(source).expanduser()
+    if not path.exists():
+        from perceiver_cli.models.huggingface.hub import hub_model_directory
+
+        path = hub_model_directory(source)
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise UserError(
+                f"model.params {source}: a directory must be an exported model (with a config.json)",
+                hint="for a run directory of `perceiver train`, pass its checkpoints/last.ckpt",
+            )
+        from perceiver_cli.models.huggingface import load_pretrained_directory
+
+        loaded = load_pretrained_directory(path)
+    elif path.suffix == ".safetensors":
+        loaded = load_safetensors_file(path)
+    else:
+        loaded = load_checkpoint_file(path)
+    if loaded.task != task:
+        raise UserError(f"model.params {source} is a {TASK_NAMES[loaded.task]}, not a {TASK_NAMES[task]}")
+    return loaded

@@ -8,7 +8,14 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-OPTIMIZERS = ("adam", "adamw", "lamb")
+OPTIMIZERS = ("adam", "adamw", "lamb", "muon")
+# Muon's own settings where the preset leaves them out: the published recipe's (github.com/KellerJordan/Muon, README:
+# lr 0.02 for the hidden weights, momentum 0.95 with Nesterov); torch.optim.Muon's defaults are lr 1e-3, momentum 0.95.
+MUON_LR = 0.02
+MUON_MOMENTUM = 0.95
+# Attribute names of layers that produce the logits without being tied to the token embedding (MaskedLanguageModel's
+# `output_linear` when its queries are narrower than the embedding; transformers' `lm_head`).
+OUTPUT_LAYERS = ("output_linear", "lm_head")
 SCHEDULERS = ("constant", "cosine")
 
 
@@ -52,17 +59,42 @@ class Lamb(torch.optim.Optimizer):
         return loss
 
 
-def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Decay matrices and embeddings; never biases or LayerNorm parameters (vectors), as is standard. Told apart by
-    module and name, not by shape: under FSDP every parameter is a flat (1-d) shard when the optimizer is built."""
-    decay, no_decay, seen = [], [], set()
-    for module in model.modules():
+def parameter_roles(model: nn.Module) -> list[tuple[nn.Parameter, str]]:
+    """Every trainable parameter once, with its role, the one rule the optimizers' groups follow:
+    - "vector": LayerNorm parameters and biases;
+    - "embedding": embedding tables (token and position, and so the tied output layer), learned input arrays
+      registered as bare parameters (Perceiver IO's latents and output queries), and the weights of any other module
+      that is not an nn.Linear;
+    - "output": the weight of an untied output layer (`OUTPUT_LAYERS`);
+    - "hidden": the weight of every other nn.Linear: attention projections and MLP layers.
+    Told apart by module and name, not by shape: under FSDP every parameter is a flat (1-d) shard when the optimizer
+    is built. A weight shared by an embedding and a Linear (tied) is an embedding."""
+    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    roles, seen = [], set()
+    for module_name, module in model.named_modules():
         for name, p in module.named_parameters(recurse=False):
-            if p.requires_grad and id(p) not in seen:
-                seen.add(id(p))
-                vector = isinstance(module, nn.LayerNorm) or name.endswith("bias")
-                (no_decay if vector else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+            if not p.requires_grad or id(p) in seen:
+                continue
+            seen.add(id(p))
+            if isinstance(module, nn.LayerNorm) or name.endswith("bias"):
+                role = "vector"
+            elif id(p) in embeddings or not isinstance(module, nn.Linear):
+                role = "embedding"
+            elif module_name.rpartition(".")[2] in OUTPUT_LAYERS:
+                role = "output"
+            else:
+                role = "hidden"
+            roles.append((p, role))
+    return roles
+
+
+def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Decay matrices and embeddings; never biases or LayerNorm parameters (vectors), as is standard."""
+    roles = parameter_roles(model)
+    return [
+        {"params": [p for p, role in roles if role != "vector"], "weight_decay": weight_decay},
+        {"params": [p for p, role in roles if role == "vector"], "weight_decay": 0.0},
+    ]
 
 
 def build_optimizer(
@@ -73,16 +105,84 @@ def build_optimizer(
     betas: Iterable[float] = (0.9, 0.999),
     eps: float = 1e-8,
     fused: bool = True,
+    muon_lr: float | None = None,
+    muon_momentum: float | None = None,
 ) -> torch.optim.Optimizer:
-    """The optimizer `name`; Adam and AdamW run torch's fused kernel where it can (`fused`) and the parameters allow."""
-    groups = parameter_groups(model, weight_decay)
+    """The optimizer `name`; Adam and AdamW run torch's fused kernel where it can (`fused`) and the parameters allow.
+    "muon": Muon (`muon_lr`, `muon_momentum`; default `MUON_LR`, `MUON_MOMENTUM`) for the hidden weight matrices,
+    AdamW (`lr`, `betas`, `eps`) for the rest (see `MuonWithAdamW`); `weight_decay` applies to both, as for AdamW."""
     betas = tuple(betas)
+    if name == "muon":
+        return MuonWithAdamW(
+            model, lr=lr, weight_decay=weight_decay, betas=betas, eps=eps, fused=fused and fused_supported(model),
+            muon_lr=MUON_LR if muon_lr is None else muon_lr,
+            muon_momentum=MUON_MOMENTUM if muon_momentum is None else muon_momentum,
+        )
+    if muon_lr is not None or muon_momentum is not None:
+        raise ValueError(f"muon_lr and muon_momentum are settings of the muon optimizer, not of {name!r}")
+    groups = parameter_groups(model, weight_decay)
     if name in ("adam", "adamw"):
         adam = torch.optim.Adam if name == "adam" else torch.optim.AdamW
         return adam(groups, lr=lr, betas=betas, eps=eps, fused=fused and fused_supported(model))
     if name == "lamb":
         return Lamb(groups, lr=lr, betas=betas, eps=eps)
     raise ValueError(f"unknown optimizer {name!r}; choose one of {', '.join(OPTIMIZERS)}")
+
+
+class MuonWithAdamW(torch.optim.Optimizer):
+    """Muon (torch.optim.Muon: momentum, then the update orthogonalised by Newton-Schulz iterations) for the hidden
+    weight matrices, AdamW for embeddings, the output layer, norms and biases (`parameter_roles`), as one optimizer:
+    Lightning steps, clips, checkpoints and schedules one. Its `param_groups` are the Muon group followed by AdamW's
+    two (with and without weight decay), the very dicts the two inner optimizers read, so a scheduler that scales
+    every group's lr scales both optimizers; both keep their state in this optimizer's `state`."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        lr: float,
+        weight_decay: float,
+        betas: tuple[float, float],
+        eps: float,
+        muon_lr: float,
+        muon_momentum: float,
+        fused: bool = False,
+    ):
+        roles = parameter_roles(model)
+        hidden = [p for p, role in roles if role == "hidden"]
+        flat = [tuple(p.shape) for p in hidden if p.ndim != 2]
+        if flat:
+            raise ValueError(f"Muon needs 2-d weight matrices, got parameters of shapes {flat[:3]} (sharded by FSDP?)")
+        others = [(p, role) for p, role in roles if role != "hidden"]
+        adamw_groups = [
+            {"params": [p for p, role in others if role != "vector"], "weight_decay": weight_decay},
+            {"params": [p for p, role in others if role == "vector"], "weight_decay": 0.0},
+        ]
+        self.muon = torch.optim.Muon(
+            [{"params": hidden}], lr=muon_lr, momentum=muon_momentum, weight_decay=weight_decay
+        )
+        self.adamw = torch.optim.AdamW(adamw_groups, lr=lr, betas=betas, eps=eps, fused=fused)
+        super().__init__([*self.muon.param_groups, *self.adamw.param_groups], {})
+        self._share()
+
+    def _share(self) -> None:
+        n = len(self.muon.param_groups)
+        self.muon.param_groups, self.adamw.param_groups = self.param_groups[:n], self.param_groups[n:]
+        self.muon.state = self.adamw.state = self.state  # disjoint parameters: one state dict serves both
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self.muon.step()
+        self.adamw.step()
+        return loss
+
+    def load_state_dict(self, state_dict) -> None:
+        super().load_state_dict(state_dict)  # replaces `param_groups` and `state` with new objects
+        self._share()
 
 
 def fused_supported(model: nn.Module) -> bool:

@@ -9,9 +9,10 @@ window of at most `max_seq_len` tokens. Two things build on that, each in one pl
   The last chunk's window is the window generation starts from, so the last row is the next-token logits
   `generate` uses. Cost: ceil(N / max_latents) windows instead of one, batched.
 - `WindowStepper`: feeds a batch of growing sequences to the model token by token, following a window schedule
-  (`windows.SCHEDULES`), with or without the key/value cache. `perceiver generate` and the Hugging Face wrapper's
-  `generate()` both run it. Left padding never enters the model: rows are grouped by their number of real tokens,
-  and each group runs unpadded with its own window, so a padded row generates what it generates alone.
+  (`windows.SCHEDULES`), with or without the key/value cache. `perceiver generate`, the Hugging Face wrapper's
+  `generate()` and `perceiver serve` (whose requests join a running batch with `add` and leave it with `select`)
+  all run it. Left padding never enters the model: rows are grouped by their number of real tokens, and each group
+  runs unpadded with its own window, so a padded row generates what it generates alone.
 
 The windows themselves (which tokens a pass sees, which are latents, how they move) are `windows`'s.
 
@@ -173,22 +174,37 @@ class WindowStepper:
     ) -> torch.Tensor:
         """Logits (B, V) of the token after each prompt of `input_ids` (B, N), or of token embeddings (B, N, C).
         `num_latents`: latents of the first window (default: as many as fit; see `first_window`)."""
+        self.reset()
+        return self.add(input_ids, attention_mask, num_latents)
+
+    def add(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, num_latents: int | None = None
+    ) -> torch.Tensor:
+        """`start` for rows that join a running batch (continuous batching: a server's requests join between
+        steps): the prompts of `input_ids` (B', N) become rows B to B + B' - 1, and their logits (B', V) are
+        returned. The rows already running are untouched; the new ones form groups of their own (one per prompt
+        length), so each runs as it would alone. `take_new_tokens` is for batches begun by `start` only."""
         b, n = input_ids.shape[:2]
         pads = left_padding(attention_mask, n) or [0] * b
         if max(pads) >= n:
             raise ValueError("a row of the batch has no token: every prompt needs at least one")
-        self.batch_size, self.seq_len = b, n
+        first_row = self.batch_size
+        if first_row == 0:
+            self.seq_len = n
         by_length: dict[int, list[int]] = {}
         for row, pad in enumerate(pads):
             by_length.setdefault(n - pad, []).append(row)
-        self.groups = []
+        groups = []
         for length, rows in by_length.items():
             window = first_window(length, self.config, num_latents)
             index = torch.tensor(rows, device=input_ids.device)
             cache = self.model.empty_cache() if self.use_cache else None
-            self.groups.append(_Group(index, input_ids[index, n - length :], window, cache, []))
+            groups.append(_Group(index + first_row, input_ids[index, n - length :], window, cache, []))
         with self._kernels():
-            return self._gather([self.model(*self._window(g), cache=g.cache)[:, -1] for g in self.groups])
+            logits = [self.model(*self._window(g), cache=g.cache)[:, -1] for g in groups]
+        self.groups += groups
+        self.batch_size += b
+        return self._gather(groups, logits, b, first_row)
 
     @staticmethod
     def _window(group: _Group, kept: int = 0) -> tuple[torch.Tensor, int]:
@@ -199,7 +215,7 @@ class WindowStepper:
         """Append `tokens` (B,) to the rows and return the logits (B, V) of the token after them."""
         self.seq_len += 1
         with self._kernels():
-            return self._gather([self._step_group(g, tokens[g.rows]) for g in self.groups])
+            return self._gather(self.groups, [self._step_group(g, tokens[g.rows]) for g in self.groups])
 
     def extend(self, tokens: torch.Tensor, after_step: Callable[[], None] | None = None) -> torch.Tensor:
         """Append `tokens` (B, t) one step at a time; the logits (B, t, V) after each of them. `after_step()` is
@@ -268,18 +284,23 @@ class WindowStepper:
     def reset(self) -> None:
         self.groups, self.seq_len, self.batch_size = [], 0, 0
 
-    def _gather(self, logits: list[torch.Tensor]) -> torch.Tensor:
-        if len(self.groups) == 1 and self.groups[0].rows.shape[0] == self.batch_size:
-            rows = self.groups[0].rows
-            if torch.equal(rows, torch.arange(self.batch_size, device=rows.device)):
+    def _gather(
+        self, groups: list[_Group], logits: list[torch.Tensor], batch_size: int | None = None, first_row: int = 0
+    ) -> torch.Tensor:
+        """The logits (batch_size, V) of rows first_row .. first_row + batch_size - 1 (default: all), from the
+        logits of the groups that hold them."""
+        batch_size = self.batch_size if batch_size is None else batch_size
+        if len(groups) == 1 and groups[0].rows.shape[0] == batch_size:
+            rows = groups[0].rows
+            if torch.equal(rows, torch.arange(first_row, first_row + batch_size, device=rows.device)):
                 return logits[0]
-        out = logits[0].new_empty(self.batch_size, logits[0].shape[-1])
-        for group, group_logits in zip(self.groups, logits):
-            out[group.rows] = group_logits
+        out = logits[0].new_empty(batch_size, logits[0].shape[-1])
+        for group, group_logits in zip(groups, logits):
+            out[group.rows - first_row] = group_logits
         return out
 
     def select(self, index: torch.Tensor) -> None:
-        """Make row i a copy of row index[i] (beam search's reordering, copies of one prompt)."""
+        """Make row i a copy of row index[i] (beam search's reordering, copies of one prompt, rows that leave)."""
         index = index.to(self.groups[0].rows.device)
         group_of = torch.empty(self.batch_size, dtype=torch.long, device=index.device)
         position = torch.empty_like(group_of)  # a row's place within its group
@@ -292,10 +313,14 @@ class WindowStepper:
             if rows.numel() == 0:
                 continue
             local = position[index[rows]]
-            group.tokens = group.tokens[local]
-            if group.cache is not None:
-                for kv_cache in [group.cache.cross_attention, *group.cache.self_attention]:
-                    kv_cache.select(local)
+            unchanged = local.shape[0] == group.rows.shape[0] and torch.equal(
+                local, torch.arange(local.shape[0], device=local.device)
+            )
+            if not unchanged:  # (rows that keep their place and company keep their tensors: no copy)
+                group.tokens = group.tokens[local]
+                if group.cache is not None:
+                    for kv_cache in [group.cache.cross_attention, *group.cache.self_attention]:
+                        kv_cache.select(local)
             group.rows = rows
             new_groups.append(group)
         self.groups = new_groups
