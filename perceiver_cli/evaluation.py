@@ -7,8 +7,9 @@ document, and every end-of-text token, is predicted, and none is predicted from 
 strided sliding window (as in Hugging Face's perplexity guide; `perceiver_cli.models.clm.windows.scoring_windows`):
 windows of up to `max_seq_len` tokens, each `max_latents` tokens (the stride) further than the last, each scoring
 only the tokens the previous window did not score, all of them at latent positions (Perceiver AR predicts from
-latents only; the latents of a window are its last `stride` positions). Every token is scored exactly once, with a
-context of `max_seq_len - max_latents + 1` to `max_seq_len` tokens once the stream is that long.
+latents only; as in training, the latents of a window are its last `max_latents` positions, of which the last
+`stride` are scored). Every token is scored exactly once, with a context of `max_seq_len - max_latents + 1` to
+`max_seq_len` tokens once the stream is that long.
 
 With a context N (`--context`), the windows are min(N, max_seq_len) tokens long and the stride min(max_latents,
 N // 4), at least 1: every token is scored with N - stride + 1 to N tokens of context, about 3/4 N to N. A context
@@ -108,12 +109,13 @@ def evaluate_clm(
     total_nll, num_scored = 0.0, 0
     model.eval()
     for done, batch in enumerate(batches, start=1):
-        # The windows of a batch left-padded to the same length n; the latents are the last `stride` positions.
+        # The windows of a batch left-padded to the same length n. The latents are the last max_latents positions,
+        # as in training (the prefix/latent split changes what the model computes); the last k of them are scored.
         x, pad_mask = left_pad([tokens[lo:hi] for lo, hi, _ in batch], pad_token_id)  # (W, n)
         labels = torch.full_like(x, IGNORE_INDEX)
         for row, (_, hi, k) in enumerate(batch):
             labels[row, x.shape[1] - k :] = tokens[hi - k + 1 : hi + 1]  # only the tokens no earlier window scored
-        prefix_len = max(0, x.shape[1] - stride)
+        prefix_len = max(0, x.shape[1] - model.max_latents)
         with torch.inference_mode():
             logits = model(x, prefix_len, pad_mask=pad_mask)
         nll = F.cross_entropy(logits.float().flatten(0, 1), labels[:, prefix_len:].flatten(), reduction="sum")

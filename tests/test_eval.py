@@ -257,20 +257,34 @@ def test_context_is_the_score_of_each_token_from_its_last_n_tokens(runs, capsys)
     assert status == 0, err
     result = json.loads(out)
     assert (result["context"], result["window"], result["stride"]) == (3, 3, 1)
-    # By hand: token t scored from exactly tokens max(0, t - 3) .. t - 1, one pass each, the last position a latent.
+    # By hand: token t scored from exactly tokens max(0, t - 3) .. t - 1, one pass each, all of them latents (as
+    # in training, the last max_latents positions of a window are latents).
     model = clm()
     stream, num_bytes = clm_token_stream(load_tokenizer("utf8"), [text])
     total_nll = 0.0
     with torch.inference_mode():
         for t in range(1, len(stream)):
             inputs = torch.tensor([stream[max(0, t - 3) : t]])
-            logits = model(inputs, inputs.shape[1] - 1)[0, -1]
+            logits = model(inputs, max(0, inputs.shape[1] - model.max_latents))[0, -1]
             total_nll += torch.nn.functional.cross_entropy(logits, torch.tensor(stream[t])).item()
     assert result["tokens"] == len(stream) - 1
     assert result["bits_per_byte"] == pytest.approx(total_nll / math.log(2) / num_bytes, abs=1e-5)
     # The same, batched: windows of different lengths left-padded together change nothing.
     batched = evaluate_clm(model, stream, num_bytes, batch_size=7, context=3)
     assert batched["bits_per_byte"] == pytest.approx(result["bits_per_byte"], abs=1e-5)
+
+
+def test_a_context_whose_stride_is_below_the_latents_keeps_the_trained_prefix_length():
+    # Window 48 with 24 latents (prefix at most 24): context 48 scores 12 tokens a window, yet each window still has
+    # its 24 latents; a prefix of 36 would be longer than the model was built for.
+    torch.manual_seed(0)
+    model = CausalLanguageModel(tiny_clm_config(max_latents=24, cross_attention_dropout=0.0)).eval()
+    stream = torch.randint(6, 262, (300,)).tolist()
+    result = evaluate_clm(model, stream, len(stream), batch_size=4, context=48)
+    assert (result["window"], result["stride"], result["tokens"]) == (48, 12, len(stream) - 1)
+    # Scoring 12 of the 24 latents of each window gives each token more context than the default stride of 24.
+    default = evaluate_clm(model, stream, len(stream), batch_size=4)
+    assert default["stride"] == 24 and result["bits_per_byte"] != default["bits_per_byte"]
 
 
 def test_context_of_the_whole_window_is_the_default_score_here(runs, capsys):
