@@ -291,16 +291,17 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="toy sizes: a smoke test that takes seconds")
     parser.add_argument("--out", type=Path, default=Path("benchmark-results"))
     parser.add_argument("--only", nargs="*", choices=["mlm", "clm", "generate", "mfu", "help", "serve", "learning",
-                                                       *learning.ROWS],
-                        help="parts to run (default: all but learning); learning = its three rows")
+                                                       *learning.ROWS, "context"],
+                        help="parts to run (default: all but learning); learning = its three rows; context = "
+                             "learning-long (context scaling)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="PRESET:KEY=VALUE",
                         help="learning rows: override a preset value, e.g. mlm-small:trainer.max_steps=1000")
     args = parser.parse_args()
-    overrides = {"mlm-small": [], "clm-small": []}  # preset -> its --set overrides
+    overrides = {"mlm-small": [], "clm-small": [], "clm-long": []}  # preset -> its --set overrides
     for override in args.overrides:
         preset, _, setting = override.partition(":")
         if preset not in overrides or "=" not in setting:
-            parser.error(f"--set {override!r}: use mlm-small:key=value or clm-small:key=value")
+            parser.error(f"--set {override!r}: use mlm-small:key=value, clm-small:key=value or clm-long:key=value")
         overrides[preset].append(setting)
     # As `perceiver train` does, before torch starts its intra-op threads (they inherit it): subnormal attention
     # probabilities (block routing's sharp attention) make the CPU's matrix products several times slower. Both
@@ -313,6 +314,8 @@ def main() -> None:
     wanted = set(args.only or ["mlm", "clm", "generate", "mfu", "help", "serve"])
     if "learning" in wanted:
         wanted |= set(learning.ROWS)
+    if "context" in wanted:  # the context-scaling benchmark is the learning-long row
+        wanted.add("learning-long")
     started = time.perf_counter()
     scaling, plots = None, []
     with torch.inference_mode(False):

@@ -179,8 +179,8 @@ def mlm_vs_transformers():
     weights and batches, bf16 autocast, batch 32 x 2048 with 15% masked positions."""
     from transformers import PerceiverForMaskedLM
 
-    from perceiver_cli.models.attention import unfused_state_dict
     from perceiver_cli.models.huggingface.perceiver_for_masked_lm import config_to_hf, hf_name
+    from perceiver_cli.models.huggingface.state_dicts import unfused_state_dict
     from perceiver_cli.models.lightning import LitMaskedLanguageModel
 
     torch.manual_seed(0)

@@ -20,11 +20,14 @@ the embedded corpus, with the train and validation splits the data pipeline make
   strided windows that score every byte (and every end-of-text byte) exactly once. Perceiver AR's stride is its
   latent count (128 of 512); GPT's is a quarter of its block (16 of 64), so every scored byte sees at least three
   quarters of the window as context on both sides.
-- Long context: the documents of each split joined in corpus order (the order of the standard library's files) into
-  documents of at least `long_doc_bytes` bytes, trained through the `files` source. `clm-small` with a 2,048-byte
-  window (`data.max_seq_len`, `model.max_latents` below) against the GPT recipe with block 256, each for the same
-  training time (`long_budget_s`): a short timed run measures each side's seconds per step, the step count (and so
-  the cosine schedule) is set from it, and training stops at the budget in any case.
+- Long context (`learning-long`, also `--only context`; benchmarks/context.py): on the embedded long-document
+  corpus "code" (the standard library's .py files whole), Perceiver AR at windows of 512 to 32k bytes (the
+  `clm-long` preset, or while there is none `clm-small` on that corpus) and the GPT recipe at blocks 64 to 1,024,
+  every model given the same training time (`context_budget_s`: a short timed run of each sets its step count, so
+  its cosine schedule ends at the budget, and training stops at the budget in any case); held-out bits per byte of
+  each at its full window on the first `context_eval_bytes` bytes of the validation stream, Perceiver AR's context
+  curves on the same bytes, and the time per token and peak memory of cached generation at contexts of 1k to 64k
+  bytes (a random model with a 65,536-byte window).
 
 Time is training time: wall time from the first step, less every evaluation (ours, and the preset's own validation
 with its sample, which a plain `perceiver train` run also spends). Each run is evaluated at `evaluations` points
@@ -37,11 +40,10 @@ The runs follow each other on one machine: on a shared machine the load changes 
 
 from __future__ import annotations
 
-import json
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytorch_lightning as pl
@@ -73,7 +75,6 @@ class GPTRecipe:
 @dataclass
 class Settings:
     evaluations: int = 6  # validation points per run, evenly spaced in steps, the last at the end
-    long_evaluations: int = 3  # a long-window evaluation of the whole split costs several times a short one
     eval_batch_tokens: int = 8192  # tokens per forward pass when evaluating (16 windows or chunks of 512)
     mlm_overrides: list[str] = field(default_factory=list)  # --set style, on top of the preset
     clm_overrides: list[str] = field(default_factory=list)
@@ -82,13 +83,19 @@ class Settings:
     bert_heads: int = 4
     bert_widths: tuple[int, ...] = (128, 160, 192, 224, 256)  # the one nearest to ours in parameters is used
     gpt: GPTRecipe = field(default_factory=GPTRecipe)
-    long_doc_bytes: int = 8192
-    long_window: int = 2048
-    long_latents: int = 256
-    long_gpt_block: int = 256
-    long_budget_s: float = 90.0  # training seconds per side
-    long_overrides: list[str] = field(default_factory=list)
+    # The long-context row (learning-long, benchmarks/context.py): every model trains for context_budget_s seconds.
+    context_windows: tuple[int, ...] = (512, 2048, 8192, 32768)  # Perceiver AR's windows (data.max_seq_len), bytes
+    context_latents: int | None = None  # every window's model.max_latents (at most the window); None: the preset's
+    context_gpt_blocks: tuple[int, ...] = (64, 256, 1024)  # the GPT recipe's blocks
+    context_budget_s: float = 600.0  # training seconds per model (clm-long's training time)
+    context_eval_bytes: int = 200_000  # the first bytes of the validation stream, scored for every model
+    context_evaluations: int = 1  # per run, the last at its end: at 32k a context curve takes minutes
+    context_overrides: list[str] = field(default_factory=list)  # --set style, on top of the preset
     calibration_steps: int = 6  # timed steps (after 2 untimed, before 1 untimed) that set the long row's step counts
+    generation_contexts: tuple[int, ...] = (1024, 4096, 16384, 65536)  # prompt bytes of cached generation
+    generation_max_seq_len: int = 65536  # the window of the random model that generates
+    generation_periods: int = 3  # timed cache cycles (max_latents // 2 + 1 tokens each), after one of warm-up
+    generation_threads: int | None = 1  # torch threads of generation (None: torch's default), as perceiver serve's
 
 
 def settings(quick: bool) -> Settings:
@@ -103,13 +110,16 @@ def settings(quick: bool) -> Settings:
                 "model.num_self_attention_layers=1", "trainer.max_steps=6", "trainer.val_check_interval=3",
                 "trainer.limit_val_batches=2", "scheduler.warmup_steps=2", "output.sample_max_new_tokens=4"]
     return Settings(
-        evaluations=1, long_evaluations=1, eval_batch_tokens=8192, mlm_overrides=tiny_mlm, clm_overrides=tiny_clm,
+        evaluations=1, eval_batch_tokens=8192, mlm_overrides=tiny_mlm, clm_overrides=tiny_clm,
         fill_words=20,
         bert_layers=1, bert_widths=(32,),
         gpt=GPTRecipe(layers=1, width=32, block=32, iterations=6, warmup=2),
-        long_doc_bytes=1024, long_window=128, long_latents=64, long_gpt_block=64, long_budget_s=2.0,
-        long_overrides=["model.num_channels=32", "model.num_self_attention_layers=1", "trainer.val_check_interval=3",
-                        "trainer.limit_val_batches=2", "scheduler.warmup_steps=2", "output.sample_max_new_tokens=4"],
+        context_windows=(64, 128), context_latents=16, context_gpt_blocks=(32,), context_budget_s=2.0,
+        context_eval_bytes=4096,
+        context_overrides=["model.num_channels=32", "model.num_self_attention_layers=1",
+                           "trainer.val_check_interval=3", "trainer.limit_val_batches=2", "scheduler.warmup_steps=2",
+                           "output.sample_max_new_tokens=4"],
+        generation_contexts=(256, 1024), generation_max_seq_len=1024, generation_periods=1,
         calibration_steps=2,
     )
 
@@ -558,83 +568,11 @@ def clm_row(s: Settings, out: Path, runs: Path, record) -> None:
                 "causal LM on the embedded corpus")
 
 
-def long_context_row(s: Settings, out: Path, runs: Path, record) -> None:
-    from perceiver_cli.data.cache import cache_root
-    from perceiver_cli.data.sources import load_text_splits
-    from perceiver_cli.training.build import build_datamodule
-
-    splits = load_text_splits("embedded")
-    data_dir = cache_root() / "benchmarks" / "long-context"  # a fixed place: its tokenized data stays cached
-    long_docs = {split: join_documents(splits[split]["text"], s.long_doc_bytes) for split in ("train", "validation")}
-    write_jsonl(data_dir, long_docs)
-    overrides = [f"data.max_seq_len={s.long_window}", f"model.max_latents={s.long_latents}", "data.source=files",
-                 f"data.path={data_dir}", *s.long_overrides]
-    score = clm_scorer(long_docs["validation"], s.eval_batch_tokens)
-    train_stream = torch.tensor(clm_stream(long_docs["train"])[0])
-    budget = s.long_budget_s
-    recipe = replace(s.gpt, block=s.long_gpt_block)
-
-    # The step counts that fill the budget (and so the length of each cosine schedule), from short timed runs.
-    gpt_calibration = train_gpt(recipe, train_stream, Schedule([]), lambda model: {}, steps=3 + s.calibration_steps)
-    gpt_steps = max(2, int(budget / seconds_per_step(gpt_calibration)))
-    probe, name = load_preset("clm-small", overrides + [f"trainer.max_steps={3 + s.calibration_steps}",
-                                                        "output.name=calibration"], runs)
-    datamodule = build_datamodule(probe)
-    datamodule.prepare_data()
-    ours_calibration = train_ours(probe, "calibration", datamodule, Schedule([]), lambda model: {}, "calibration")
-    ours_steps = max(2, int(budget / seconds_per_step(ours_calibration)))
-
-    theirs = train_gpt(recipe, train_stream, Schedule(evenly(gpt_steps, s.long_evaluations), budget_s=budget), score,
-                       steps=gpt_steps)
-    cfg, name = load_preset("clm-small", overrides + [f"trainer.max_steps={ours_steps}"], runs)
-    ours = train_ours(cfg, f"{name}-{s.long_window}", datamodule,
-                         Schedule(evenly(ours_steps, s.long_evaluations), budget_s=budget), score,
-                         f"{name}, window {s.long_window}")
-    sizes = [len(doc.encode("utf-8")) for doc in long_docs["validation"]]
-    print(f"  {ours.label}: {ours.parameters:,} parameters; {theirs.label}: {theirs.parameters:,}; validation: "
-          f"{len(sizes)} documents of {min(sizes):,}-{max(sizes):,} bytes", flush=True)
-    extra = {"runs": runs_json(ours, theirs), "budget_s": budget,
-             "documents": {split: len(docs) for split, docs in long_docs.items()}}
-    record(f"learning: long-context CLM bits per byte at equal time ({s.long_window}-byte window vs block "
-           f"{s.long_gpt_block})", ours.final["bits_per_byte"], theirs.final["bits_per_byte"], "bit/B",
-           f"{budget:.0f} s budget: {ours.steps} steps in {ours.train_seconds:.0f} s vs {theirs.steps} in "
-           f"{theirs.train_seconds:.0f} s", higher_is_better=False, extra=extra)
-    plot_curves(out / "learning-long.png", [ours, theirs], [("bits_per_byte", "validation bits per byte")],
-                f"long-context causal LM (documents of {s.long_doc_bytes:,}+ bytes), {budget:.0f} s each")
-
-
 def seconds_per_step(calibration: Run) -> float:
     """Seconds per step from the clock after each step, leaving out the first two (warm-up) and the last (ours
     saves its final checkpoint there)."""
     times = calibration.step_clock[1:-1]
     return (times[-1] - times[0]) / max(1, len(times) - 1)
-
-
-def join_documents(texts: list[str], min_bytes: int) -> list[str]:
-    """Consecutive documents joined by blank lines into documents of at least `min_bytes` bytes (the last one may
-    be shorter)."""
-    joined, current, size = [], [], 0
-    for text in texts:
-        if not text or text.isspace():
-            continue
-        current.append(text)
-        size += len(text.encode("utf-8")) + 2
-        if size >= min_bytes:
-            joined.append("\n\n".join(current))
-            current, size = [], 0
-    if current:
-        joined.append("\n\n".join(current))
-    return joined
-
-
-def write_jsonl(directory: Path, splits: dict[str, list[str]]) -> None:
-    """train.jsonl and validation.jsonl, which the `files` source reads as the two splits."""
-    directory.mkdir(parents=True, exist_ok=True)
-    for split, texts in splits.items():
-        body = "".join(json.dumps({"text": text}, ensure_ascii=False) + "\n" for text in texts)
-        path = directory / f"{split}.jsonl"
-        if not path.is_file() or path.read_text(encoding="utf-8") != body:  # unchanged files keep their data cache
-            path.write_text(body, encoding="utf-8")
 
 
 def runs_json(*runs: Run) -> list[dict]:
@@ -665,21 +603,23 @@ def plot_curves(path: Path, runs: list[Run], metrics: list[tuple[str, str]], tit
 def learning_rows(wanted: set[str], quick: bool, out: Path, record,
                   overrides: dict[str, list[str]] | None = None) -> list[str]:
     """Run the rows of `wanted` (names of ROWS) and return the names of the plots they wrote into `out`.
-    `record(name, ours, theirs, unit, note, higher_is_better=True, extra=None)` records one row of the table.
-    `overrides`: preset name ("mlm-small", "clm-small") -> `--set` overrides added to its own (clm-small's reach the
-    long row too)."""
+    `record(name, ours, theirs, unit, note, higher_is_better=True, ratio=None, extra=None)` records one row of the
+    table. `overrides`: preset name ("mlm-small", "clm-small", "clm-long") -> `--set` overrides added to its own
+    (the long row takes those of the preset it trains: clm-long's, or clm-small's while it stands in)."""
     from perceiver_cli.training.run import quiet_libraries
+
+    from benchmarks.context import context_preset, context_row
 
     quiet_libraries(0)  # no progress bar per tokenized split, no Lightning banners
     s = settings(quick)
     overrides = overrides or {}
     s.mlm_overrides += overrides.get("mlm-small", [])
     s.clm_overrides += overrides.get("clm-small", [])
-    s.long_overrides += overrides.get("clm-small", [])
+    s.context_overrides += overrides.get(context_preset()[0], [])
     plots = []
     with tempfile.TemporaryDirectory() as runs:  # the training runs' checkpoints and logs are not results
         for name, make_row in (("learning-mlm", mlm_row), ("learning-clm", clm_row),
-                               ("learning-long", long_context_row)):
+                               ("learning-long", context_row)):
             if name in wanted:
                 print(f"learning benchmark: {name.removeprefix('learning-')}", flush=True)
                 make_row(s, out, Path(runs), record)

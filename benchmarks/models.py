@@ -9,8 +9,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from perceiver_cli.models.adapters import TokenInputAdapter, tied_logits
-from perceiver_cli.models.attention import unfused_state_dict
 from perceiver_cli.models.clm import CausalLanguageModel, CausalLanguageModelConfig
+from perceiver_cli.models.huggingface.state_dicts import unfused_state_dict
 from perceiver_cli.models.layers import SelfAttentionBlock
 from perceiver_cli.models.lightning import LitMaskedLanguageModel
 from perceiver_cli.models.mlm import MaskedLanguageModelConfig, TextDecoderConfig, TextEncoderConfig

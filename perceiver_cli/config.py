@@ -17,8 +17,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 
 from perceiver_cli.errors import UserError
 from perceiver_cli.models.clm.model import CausalLanguageModelConfig
-from perceiver_cli.models.mlm.block_routing import problems as routing_problems
+from perceiver_cli.models.clm.model import layout_problems as clm_layout_problems
 from perceiver_cli.models.mlm.model import MaskedLanguageModelConfig, TextDecoderConfig, TextEncoderConfig
+from perceiver_cli.models.mlm.model import layout_problems as mlm_layout_problems
 from perceiver_cli.models.optim import OPTIMIZERS, SCHEDULERS
 
 LINKED_FIELDS = ("vocab_size", "max_seq_len")  # set from [data], never in [model]
@@ -78,6 +79,13 @@ class DataSection(Section):
     whole_word_masking: bool = True
     static_masking: bool = False
     validation_fraction: float = Field(default=0.05, gt=0.0, lt=1.0)
+    # Streaming (sources "files" and "hub"): documents are read, tokenized and chunked as training goes, with nothing
+    # prepared or cached beforehand (data/streaming.py). Chunks pass through a shuffle buffer of `shuffle_buffer`
+    # chunks. Without a validation split, the first documents are set aside for validation: validation_fraction of
+    # them, at most `validation_documents`.
+    streaming: bool = False
+    shuffle_buffer: int = Field(default=10_000, gt=0)
+    validation_documents: int = Field(default=1_000, gt=0)
 
 
 class OptimizerSection(Section):
@@ -142,6 +150,9 @@ class OutputSection(Section):
     name: str | None = None  # default: the preset's name
     sample_prompt: str | None = None  # clm: generate from this prompt at each validation
     sample_max_new_tokens: int = Field(default=64, gt=0)
+    # Experiment trackers, through Lightning's loggers (training/loggers.py): "tensorboard", "csv", "wandb", "mlflow"
+    # (the last two are optional extras: pip install 'perceiver-cli[wandb]' or 'perceiver-cli[mlflow]').
+    loggers: list[Literal["tensorboard", "csv", "wandb", "mlflow"]] = ["tensorboard", "csv"]
 
 
 class RunConfig(Section):
@@ -197,36 +208,24 @@ class RunConfig(Section):
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _divisible(path: str, channels: int, heads: int, what: str, heads_key: str) -> list[tuple[str, str]]:
-    if channels % heads:
-        return [(path, f"{what} ({channels}) must be divisible by {heads_key} ({heads})")]
-    return []
+def _preset_name(path: str) -> str:
+    """A model config field's name in a preset: the linked fields are [data]'s, the others [model]'s."""
+    field = path.split(".")[-1]
+    return f"data.{field}" if field in LINKED_FIELDS else f"model.{path}"
+
+
+def _check_layout(cfg: RunConfig) -> list[tuple[str, str]]:
+    """The model's own layout checks (the ones its constructor raises), under the preset's names. The vocabulary
+    does not matter to the layout."""
+    problems = clm_layout_problems if cfg.task == "clm" else mlm_layout_problems
+    return problems(cfg.backend_config(UTF8_VOCAB_SIZE), _preset_name)
 
 
 def _check_clm(m: Any, data: DataSection) -> list[tuple[str, str]]:
     errors = []
-    for key in ("num_channels", "max_latents", "num_heads", "num_self_attention_layers"):
-        if getattr(m, key) < 1:
-            errors.append((f"model.{key}", "must be at least 1"))
-    if errors:
-        return errors
-    errors += _divisible("model.num_channels", m.num_channels, m.num_heads, "num_channels", "model.num_heads")
-    per_head = m.num_channels // m.num_heads
-    rotary = per_head // 2 if m.abs_pos_emb else per_head
-    if not errors and rotary % 2:
-        errors.append(
-            ("model.num_channels", f"the rotary embedding needs an even channel count per head, got {rotary}")
-        )
-    if m.max_latents > data.max_seq_len:
-        errors.append(("model.max_latents", f"({m.max_latents}) must not exceed data.max_seq_len ({data.max_seq_len})"))
-    if not -1 <= m.num_self_attention_rotary_layers <= m.num_self_attention_layers:
-        errors.append(("model.num_self_attention_rotary_layers", "must be -1 (all) or 0 .. num_self_attention_layers"))
     for key in ("cross_attention_dropout", "post_attention_dropout", "residual_dropout"):
         if not 0.0 <= getattr(m, key) < 1.0:
             errors.append((f"model.{key}", "must be in [0, 1)"))
-    for key in ("self_attention_widening_factor", "cross_attention_widening_factor"):
-        if getattr(m, key) < 1:
-            errors.append((f"model.{key}", "must be at least 1"))
     if m.init_scale <= 0:
         errors.append(("model.init_scale", "must be positive"))
     if data.padding_side == "right":
@@ -234,44 +233,9 @@ def _check_clm(m: Any, data: DataSection) -> list[tuple[str, str]]:
     return errors
 
 
-def _check_attention(
-    path: str, heads: int, qk: int | None, v: int | None, query_channels: int
-) -> list[tuple[str, str]]:
-    """Check one attention's channels after resolving the defaults (qk: query input channels, v: qk)."""
-    if heads < 1:
-        return [(f"{path}_heads", "must be at least 1")]
-    qk = qk or query_channels
-    v = v or qk
-    return _divisible(f"{path}_qk_channels", qk, heads, "query/key channels", f"{path}_heads") + _divisible(
-        f"{path}_v_channels", v, heads, "value channels", f"{path}_heads"
-    )
-
-
 def _check_mlm(m: Any, data: DataSection) -> list[tuple[str, str]]:
     errors = []
-    for key in ("num_latents", "num_latent_channels"):
-        if getattr(m, key) < 1:
-            errors.append((f"model.{key}", "must be at least 1"))
-    enc, dec = m.encoder, m.decoder
-    for key in ("num_input_channels", "num_self_attention_layers_per_block", "num_self_attention_blocks",
-                "num_cross_attention_layers", "cross_attention_widening_factor", "self_attention_widening_factor"):
-        if getattr(enc, key) < 1:
-            errors.append((f"model.encoder.{key}", "must be at least 1"))
-    if dec.cross_attention_widening_factor < 1:
-        errors.append(("model.decoder.cross_attention_widening_factor", "must be at least 1"))
-    if errors:
-        return errors
-    d = m.num_latent_channels
-    errors += _check_attention("model.encoder.num_cross_attention", enc.num_cross_attention_heads,
-                               enc.num_cross_attention_qk_channels, enc.num_cross_attention_v_channels, d)
-    errors += _check_attention("model.encoder.num_self_attention", enc.num_self_attention_heads,
-                               enc.num_self_attention_qk_channels, enc.num_self_attention_v_channels, d)
-    query_channels = dec.num_output_query_channels or enc.num_input_channels
-    errors += _check_attention("model.decoder.num_cross_attention", dec.num_cross_attention_heads,
-                               dec.num_cross_attention_qk_channels, dec.num_cross_attention_v_channels, query_channels)
-    if enc.num_cross_attention_layers > enc.num_self_attention_blocks:
-        errors.append(("model.encoder.num_cross_attention_layers", "must not exceed num_self_attention_blocks"))
-    for path, value in (("model.encoder.dropout", enc.dropout), ("model.decoder.dropout", dec.dropout)):
+    for path, value in (("model.encoder.dropout", m.encoder.dropout), ("model.decoder.dropout", m.decoder.dropout)):
         if not 0.0 <= value < 1.0:
             errors.append((path, "must be in [0, 1)"))
     if data.padding_side == "left":
@@ -280,10 +244,8 @@ def _check_mlm(m: Any, data: DataSection) -> list[tuple[str, str]]:
 
 
 def _check_run(cfg: RunConfig) -> list[tuple[str, str]]:
-    errors = _check_clm(cfg.model, cfg.data) if cfg.task == "clm" else _check_mlm(cfg.model, cfg.data)
-    if cfg.task == "mlm" and cfg.model.routing_init == "blocks" and not errors:
-        # The vocabulary does not matter to the routing; the layout (latents, heads, channels) does.
-        errors += [(f"model.{path}", message) for path, message in routing_problems(cfg.backend_config(UTF8_VOCAB_SIZE))]
+    errors = _check_layout(cfg)
+    errors += _check_clm(cfg.model, cfg.data) if cfg.task == "clm" else _check_mlm(cfg.model, cfg.data)
     if cfg.data.source == "files" and not cfg.data.path:
         errors.append(("data.path", "source = \"files\" needs a path (a file, a directory or a glob)"))
     if cfg.data.source == "hub" and not cfg.data.name:
@@ -298,7 +260,26 @@ def _check_run(cfg: RunConfig) -> list[tuple[str, str]]:
             errors.append(("trainer.max_time", f"expected DD:HH:MM:SS, got {t.max_time!r}"))
     if isinstance(t.val_check_interval, float) and t.val_check_interval > 1.0:
         errors.append(("trainer.val_check_interval", "a fraction of an epoch must be at most 1.0; use an int for steps"))
-    return errors + _check_optimizer(cfg) + _check_fsdp(cfg)
+    if len(set(cfg.output.loggers)) < len(cfg.output.loggers):
+        errors.append(("output.loggers", "names a logger more than once"))
+    return errors + _check_optimizer(cfg) + _check_fsdp(cfg) + _check_streaming(cfg)
+
+
+def _check_streaming(cfg: RunConfig) -> list[tuple[str, str]]:
+    d, t = cfg.data, cfg.trainer
+    if not d.streaming:
+        return []  # shuffle_buffer and validation_documents are inert then
+    errors = []
+    if d.source == "embedded":
+        errors.append(("data.streaming", 'applies to source = "files" or "hub": the embedded corpus is prepared in '
+                                         'seconds; leave it unset'))
+    # A stream has no known length, so Lightning takes no fraction of one.
+    for key in ("val_check_interval", "limit_val_batches"):
+        value = getattr(t, key)
+        if isinstance(value, float) and value != 1.0:
+            errors.append((f"trainer.{key}", "a streamed corpus has no known length: use a number of batches (an "
+                                             "int) or 1.0"))
+    return errors
 
 
 def _check_optimizer(cfg: RunConfig) -> list[tuple[str, str]]:

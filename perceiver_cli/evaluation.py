@@ -212,6 +212,7 @@ def evaluate_mlm(
 ) -> dict:
     """Masked-token loss and accuracy over `chunks` (one split of `tokenize_and_chunk(task="mlm")`)."""
     from perceiver_cli.data.collators import MLMCollator
+    from perceiver_cli.models.mlm.positions import masked_positions
 
     if chunks.num_rows == 0:
         raise UserError("there is no text to evaluate: the split has no non-empty document")
@@ -226,11 +227,9 @@ def evaluate_mlm(
         ids = rows[start:stop]["input_ids"]
         batch = collate([{"input_ids": row, "index": i} for i, row in zip(range(start, stop), ids)])
         labels = batch["labels"]  # (B, M), IGNORE_INDEX where nothing was selected
-        selected = labels != IGNORE_INDEX
-        # Decode the selected positions only: per row, selected positions first; the tail of rows with fewer
-        # selections points at unselected positions, whose label IGNORE_INDEX leaves them out below.
-        num_selected = int(selected.sum(dim=1).max())
-        positions = torch.argsort((~selected).to(torch.uint8), dim=1, stable=True)[:, :num_selected]  # (B, S)
+        # Decode the selected positions only, as training does; the tail of rows with fewer selections points at
+        # unselected positions, whose label IGNORE_INDEX leaves them out below.
+        positions = masked_positions(labels)  # (B, S)
         pad_mask = batch["pad_mask"]
         with torch.inference_mode():
             logits = model(

@@ -25,6 +25,7 @@ LAYERS = {
     "errors": 0,
     "files": 0,
     "models": 1,
+    "models.common": 1,  # what the backend models share (config dicts, initialisation, layout problems)
     "data": 1,
     "models.lightning": 2,
     "models.huggingface": 2,
@@ -35,7 +36,10 @@ LAYERS = {
     "models.clm.windows": 1,
     "models.mlm.model": 1,
     "models.mlm.block_routing": 1,
+    "models.mlm.positions": 2,  # reads the collators' labels (data.masking.IGNORE_INDEX): a wrapper-side helper
+    "models.huggingface.state_dicts": 2,
     "training": 3,
+    "training.lightning_compat": 3,  # every private Lightning and torch attribute the training uses
     "config": 3,
     "presets": 3,
     "runs": 3,

@@ -7,9 +7,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
+# Every row at toy sizes takes over a minute and a half (serving and the context rows included): behind the slow
+# marker, to keep the default suite within its 10 minutes; the learning rows' own quick run stays below.
+@pytest.mark.slow
 def test_quick_benchmark_run_writes_every_row(tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "benchmarks", "--quick", "--out", str(tmp_path)],
@@ -31,7 +36,9 @@ def test_quick_benchmark_run_writes_every_row(tmp_path):
 
 def test_quick_learning_benchmark_scores_every_validation_byte_of_both_sides(tmp_path):
     """`--only learning --quick`: a few seconds of training per model, every evaluation over the whole validation
-    split (each byte and each end-of-text token once), finite numbers, one plot per row."""
+    split (each byte and each end-of-text token once; the long-context row: the same first bytes of its corpus's
+    validation stream for every model), finite numbers, one plot per row."""
+    from benchmarks.learning import settings
     from perceiver_cli.data.corpus import embedded_corpus_files
 
     texts = [json.loads(line)["text"] for line in embedded_corpus_files()["validation"].read_text().splitlines()]
@@ -50,21 +57,48 @@ def test_quick_learning_benchmark_scores_every_validation_byte_of_both_sides(tmp
                    "learning: CLM bits per byte at GPT's training time", "learning: CLM bits per byte at the end",
                    "learning: CLM training time", "learning: long-context CLM bits per byte at equal time"):
         assert sum(name.startswith(prefix) for name in names) == 1, prefix
-    assert all(math.isfinite(row["ours"]) and math.isfinite(row["theirs"]) for row in rows)
+    assert all(math.isfinite(row["ours"]) and (row["theirs"] is None or math.isfinite(row["theirs"]))
+               for row in rows)
 
     curves = {row["name"].split(" ")[1]: row["runs"] for row in rows if "runs" in row}  # MLM, CLM, long-context
     assert set(curves) == {"MLM", "CLM", "long-context"}
+    quick = settings(quick=True)
     for kind, runs in curves.items():
-        assert len(runs) == 2 and all(run["parameters"] > 0 and run["steps"] > 0 for run in runs), kind
+        sides = len(quick.context_windows) + len(quick.context_gpt_blocks) if kind == "long-context" else 2
+        assert len(runs) == sides and all(run["parameters"] > 0 and run["steps"] > 0 for run in runs), kind
         for run in runs:
             assert run["curve"] and run["train_seconds"] > 0, (kind, run["label"])
             for point in run["curve"]:
                 metrics = [v for k, v in point.items() if k in ("loss", "accuracy", "bits_per_byte")]
                 assert metrics and all(math.isfinite(v) for v in metrics), point
-                if kind == "long-context":  # its own documents: every byte of them once
-                    assert point["scored_tokens"] == point["bytes"] >= validation_bytes, point
+                if kind == "long-context":  # the first bytes of the "code" corpus's validation stream, each once
+                    assert point["scored_tokens"] == point["bytes"] == quick.context_eval_bytes, point
                 else:
                     assert point["scored_tokens"] == validation_bytes, (kind, run["label"], point)
+
+    # Long context: every window and block trained for the same budget; each Perceiver AR model's context curve runs
+    # from 64 bytes to its window; generation timed and measured at each context, with its two targets.
+    long_runs = curves["long-context"]
+    assert sorted(run["window"] for run in long_runs if run["family"] == "Perceiver AR") == list(quick.context_windows)
+    assert sorted(run["window"] for run in long_runs if run["family"] == "GPT-2") == list(quick.context_gpt_blocks)
+    for run in long_runs:
+        final = run["curve"][-1]
+        assert final["window"] == run["window"]
+        if run["family"] == "Perceiver AR":
+            contexts = [point["context"] for point in final["context_curve"]]
+            assert contexts[0] == 64 and contexts[-1] == run["window"], contexts
+            assert all(math.isfinite(point["bits_per_byte"]) for point in final["context_curve"])
+    for window in quick.context_windows:
+        assert names.count(f"learning: long-context bits per byte, Perceiver AR window {window:,}") == 1, window
+    for context in quick.generation_contexts:
+        for what in ("ms per token", "peak memory above the model"):
+            assert f"learning: long-context generation, {context:,}-byte context: {what}" in names, (context, what)
+    generation = [row["generation"] for row in rows if "generation" in row]
+    assert [g["context"] for g in generation] == list(quick.generation_contexts)
+    assert all(g["rebuilds"] == quick.generation_periods and g["timed_steps"] == g["period"] * g["rebuilds"]
+               and g["seconds_per_token"] > 0 and g["peak_mib"] > 0 for g in generation), generation
+    assert any(name.startswith("learning: long-context generation, time per token") for name in names)
+    assert any(name.startswith("learning: long-context generation, memory growth") for name in names)
     assert [run["steps"] for run in curves["MLM"]] == [4, 4]  # --set reached the preset, and BERT's step count
     # The two masked LMs are scored on the same masks, and fill the same number of words.
     assert len({point["masked_tokens"] for run in curves["MLM"] for point in run["curve"]}) == 1

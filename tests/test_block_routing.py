@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from perceiver_cli.data.masking import IGNORE_INDEX
 from perceiver_cli.models.mlm.block_routing import problems
 from perceiver_cli.models.mlm import MaskedLanguageModel, MaskedLanguageModelConfig, TextDecoderConfig, TextEncoderConfig
 
@@ -88,7 +89,7 @@ def paired_batch(generator: torch.Generator, batch: int = 16) -> tuple[torch.Ten
     masked = torch.zeros(batch, LENGTH, dtype=torch.bool)
     masked[:, 0::2] = pair_masked & (which == 0)
     masked[:, 1::2] = pair_masked & (which == 1)
-    labels = torch.where(masked, x, -100)
+    labels = torch.where(masked, x, IGNORE_INDEX)
     return x.masked_fill(masked, MASK), labels
 
 
@@ -100,7 +101,7 @@ def train_pairs(config: MaskedLanguageModelConfig, steps: int) -> float:
     losses = []
     for _ in range(steps):
         x, labels = paired_batch(generator)
-        loss = F.cross_entropy(model(x).flatten(0, 1), labels.flatten(), ignore_index=-100)
+        loss = F.cross_entropy(model(x).flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()

@@ -204,7 +204,7 @@ def test_a_directory_with_separate_projections_is_refused_naming_the_weights(bac
     # Our exports hold the fused projections; separate query/key/value weights are not of this format.
     from safetensors.torch import save_file
 
-    from perceiver_cli.models.attention import unfused_state_dict
+    from perceiver_cli.models.huggingface.state_dicts import unfused_state_dict
 
     older = tmp_path / "older"
     shutil.copytree(exported, older)

@@ -13,8 +13,8 @@ from tiny_models import tiny_clm_config, tiny_mlm_config
 from transformers import PerceiverTokenizer
 
 from perceiver_cli.checkpoints import load_model, write_checkpoint
-from perceiver_cli.models.attention import unfused_state_dict
 from perceiver_cli.models.clm import CausalLanguageModel
+from perceiver_cli.models.huggingface.state_dicts import unfused_state_dict
 from perceiver_cli.models.mlm import MaskedLanguageModel
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -543,6 +543,7 @@ def test_every_parameter_gets_a_gradient_from_every_batch_length(seq_len):
     """DDP all-reduces the gradients in buckets of parameters and expects every rank to fill the same buckets; a
     parameter left out on one rank (a layer skipped for a short sequence) leaves the ranks waiting in different
     collectives: the hang of issue 17 (random truncation made one rank's batch no longer than the latents)."""
+    from perceiver_cli.data.masking import IGNORE_INDEX
     from perceiver_cli.models.lightning import LitCausalLanguageModel, LitMaskedLanguageModel
     from tiny_models import tiny_clm_config, tiny_mlm_config
 
@@ -553,7 +554,7 @@ def test_every_parameter_gets_a_gradient_from_every_batch_length(seq_len):
     clm = LitCausalLanguageModel.create(tiny_clm_config()).train()
     clm.loss({"input_ids": x, "labels": x, "pad_mask": pad_mask}).backward()
     mlm = LitMaskedLanguageModel.create(tiny_mlm_config(max_seq_len=48)).train()
-    labels = torch.full_like(x, -100)
+    labels = torch.full_like(x, IGNORE_INDEX)
     labels[:, 1] = x[:, 1]
     mlm.loss({"input_ids": x, "labels": labels, "pad_mask": pad_mask.flip(1)}).backward()
     for model in (clm, mlm):

@@ -4,6 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from perceiver_cli.data.masking import IGNORE_INDEX
 from perceiver_cli.models.clm import CausalLanguageModel
 from perceiver_cli.models.lightning import LitCausalLanguageModel, LitMaskedLanguageModel
 from perceiver_cli.models.mlm import MaskedLanguageModel
@@ -190,7 +191,7 @@ def test_tiny_mlm_learns_a_batch():
     a, c = random_tokens(4, 1), random_tokens(4, 1)
     x = torch.where(torch.arange(32) % 2 == 0, a, c)
     masked = torch.rand(x.shape) < 0.15
-    labels = torch.where(masked, x, -100)
+    labels = torch.where(masked, x, IGNORE_INDEX)
     first, last = overfit(lit, {"input_ids": x.masked_fill(masked, 3), "labels": labels}, steps=400)
     assert first > 1.5 and last < 0.1
 
@@ -206,7 +207,7 @@ def test_tiny_clm_memorises_a_batch():
 def test_mlm_loss_counts_only_masked_positions():
     lit = LitMaskedLanguageModel.create(tiny_mlm_config()).eval()
     x = random_tokens(2, 32)
-    labels = torch.full_like(x, -100)
+    labels = torch.full_like(x, IGNORE_INDEX)
     labels[0, [1, 7]] = x[0, [1, 7]]
     labels[1, [4]] = x[1, [4]]
     logits = lit.model(x)
@@ -313,7 +314,8 @@ def separate_projection_attention(state, prefix, x_q, x_kv, heads, rotary_q, rot
 
 @pytest.mark.parametrize("self_attention", [True, False])
 def test_fused_projections_compute_the_separate_projections_attention(self_attention):
-    from perceiver_cli.models.attention import MultiHeadAttention, Rotary, unfused_state_dict
+    from perceiver_cli.models.attention import MultiHeadAttention, Rotary
+    from perceiver_cli.models.huggingface.state_dicts import unfused_state_dict
 
     attention = MultiHeadAttention(num_heads=4, num_q_input_channels=32, num_kv_input_channels=32,
                                    num_qk_channels=16, num_v_channels=48, causal=True,
@@ -334,7 +336,7 @@ def test_fused_projections_compute_the_separate_projections_attention(self_atten
 
 @pytest.mark.parametrize("task", ["clm", "mlm"])
 def test_the_separate_projection_layout_round_trips(task):
-    from perceiver_cli.models.attention import fused_state_dict, unfused_state_dict
+    from perceiver_cli.models.huggingface.state_dicts import fused_state_dict, unfused_state_dict
 
     config = tiny_clm_config() if task == "clm" else tiny_mlm_config()
     model = CausalLanguageModel(config) if task == "clm" else MaskedLanguageModel(config)

@@ -156,7 +156,9 @@ def test_backend_modules_import_no_lightning_or_huggingface():
     import subprocess
     import sys
 
-    modules = ["attention", "layers", "adapters", "perceiver_io", "perceiver_ar", "mlm", "clm"]
+    modules = [
+        "attention", "layers", "adapters", "common", "perceiver_io", "perceiver_ar", "mlm", "clm"
+    ]
     code = (
         "import sys\n"
         + "".join(f"import perceiver_cli.models.{m}\n" for m in modules)

@@ -10,6 +10,9 @@ exactly the batches one process with batch W x B sees, epoch after epoch. When W
 examples, the sampler repeats the first examples of the epoch's order to even the ranks out (at most W - 1 per
 epoch): no example is dropped and every rank runs the same number of steps. Validation gets Lightning's
 DistributedSampler, which does the same without shuffling.
+
+With `streaming`, nothing is prepared: documents are read, tokenized and chunked as training goes (data/streaming.py),
+each rank reading its own shard, and the training loader's position is saved in checkpoints for `--resume`.
 """
 
 import numpy as np
@@ -20,6 +23,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from perceiver_cli.data.collators import CLMCollator, MLMCollator
 from perceiver_cli.data.pipeline import TASKS, count_tokens, tokenize_and_chunk
 from perceiver_cli.data.sources import load_text_splits
+from perceiver_cli.data.streaming import STATE_KEY, ChunkStream, StreamLoader, check_stream, stream_splits
 from perceiver_cli.data.tokenizer import load_tokenizer, vocab_size
 from perceiver_cli.errors import UserError
 
@@ -80,6 +84,11 @@ class TextDataModule(pl.LightningDataModule):
     epochs, and `random_truncation` the sequence lengths (see `CLMCollator`). MLM options are those of `MLMCollator`; validation batches always use static masking so that validation
     losses are comparable between evaluations. `num_workers` defaults to 0: on small machines worker processes
     cost more than they save.
+
+    `streaming` (sources "files" and "hub") streams the corpus instead of preparing it (data/streaming.py), through a
+    shuffle buffer of `shuffle_buffer` chunks; without a validation split the first documents are set aside
+    (`validation_fraction` of them, at most `validation_documents`). `repeat`: the stream may be read more than once
+    (one pass per epoch; else running dry ends the run with an error).
     """
 
     def __init__(
@@ -106,6 +115,10 @@ class TextDataModule(pl.LightningDataModule):
         validation_fraction: float = 0.05,
         seed: int = 0,
         num_proc: int | None = None,
+        streaming: bool = False,
+        shuffle_buffer: int = 10_000,
+        validation_documents: int = 1_000,
+        repeat: bool = True,
     ):
         super().__init__()
         if task not in TASKS:
@@ -134,6 +147,11 @@ class TextDataModule(pl.LightningDataModule):
         self.seed = seed
         self.num_proc = num_proc
         self._chunks = None
+        self.streaming = streaming
+        self.stream_options = dict(shuffle_buffer=shuffle_buffer, validation_documents=validation_documents,
+                                   repeat=repeat)
+        self._stream = None  # (training split, validation split or None, documents set aside for validation)
+        self._train_loader: StreamLoader | None = None
         # Fail on bad masking options now rather than at the first batch.
         if task == "mlm":
             MLMCollator(self._tokenizer, **self.mask_options)
@@ -169,12 +187,32 @@ class TextDataModule(pl.LightningDataModule):
     def prepare_data(self) -> None:
         # Runs on one process per node: downloads, the embedded corpus and tokenization all land in caches, which
         # setup() finds on every process. Keeping the result here only saves this process a cache lookup.
+        if self.streaming:
+            if self._stream is None:  # Lightning calls it again inside fit
+                self._stream = self._open_stream()  # checks the start of the stream; prepares nothing
+            return
         self._chunks = self._build()
 
     def setup(self, stage: str | None = None) -> None:
+        if self.streaming:
+            if self._stream is None:
+                self._stream = self._open_stream()
+            return
         self.chunks  # noqa: B018 (loads the caches that prepare_data built)
 
+    def on_before_batch_transfer(self, batch, dataloader_idx: int):
+        # A streamed training batch carries its position in the stream: training consumed it now (Lightning fetches
+        # a batch ahead, so the loader's own count would be one too far).
+        if isinstance(batch, dict) and STATE_KEY in batch:
+            tag = batch.pop(STATE_KEY)
+            if self._train_loader is not None:
+                self._train_loader.consume(tag)
+        return batch
+
     def train_dataloader(self) -> DataLoader:
+        if self.streaming:
+            self._train_loader = self._stream_loader(train=True)
+            return self._train_loader
         lookahead = self.task == "clm" and self.random_shift
         dataset = ChunkDataset(self.chunks["train"], lookahead)
         # Lightning reshuffles each epoch through set_epoch (the order is seed + epoch's permutation).
@@ -183,6 +221,8 @@ class TextDataModule(pl.LightningDataModule):
         return self._loader(dataset, self._collator(train=True), sampler=sampler, resumable=True)
 
     def val_dataloader(self) -> DataLoader:
+        if self.streaming:
+            return self._stream_loader(train=False)
         return self._loader(ChunkDataset(self.chunks["validation"]), self._collator(train=False))
 
     def run_data(self) -> dict:
@@ -200,10 +240,44 @@ class TextDataModule(pl.LightningDataModule):
         }
 
     def describe(self) -> dict:
-        """Per split: number of chunks and of tokens, e.g. {"train": {"chunks": 4597, "tokens": 2357921}, ...}."""
+        """Per split: number of chunks and of tokens, e.g. {"train": {"chunks": 4597, "tokens": 2357921}, ...}.
+        Streaming: where validation comes from, {"validation_documents": N} (the first N documents) or {} (a split)."""
+        if self.streaming:
+            if self._stream is None:
+                self._stream = self._open_stream()
+            return {"validation_documents": self._stream[2]} if self._stream[1] is None else {}
         return {
             split: {"chunks": chunks.num_rows, "tokens": count_tokens(chunks)} for split, chunks in self.chunks.items()
         }
+
+    def _open_stream(self):
+        o = self.source_options
+        train, validation = stream_splits(
+            o["source"], path=o["path"], name=o["name"], config=o["config"], text_column=o["text_column"],
+            document=o["document"],
+        )
+        aside = check_stream(train, validation, o["validation_fraction"], self.stream_options["validation_documents"])
+        return train, validation, aside
+
+    def _stream_loader(self, train: bool) -> StreamLoader:
+        if self._stream is None:
+            self._stream = self._open_stream()
+        source, validation, aside = self._stream
+        if not train and validation is not None:
+            source, aside = validation, 0
+        dataset = ChunkStream(
+            source, self._tokenizer, task=self.task, max_seq_len=self._max_seq_len, batch_size=self.batch_size,
+            collator=self._collator(train), seed=self.seed,
+            shuffle_buffer=self.stream_options["shuffle_buffer"] if train else 1,
+            skip=aside if train else 0, take=None if train or validation is not None else aside,
+            lookahead=train and self.task == "clm" and self.random_shift, reseed=train,
+        )
+        trainer = self.trainer
+        return StreamLoader(
+            dataset, num_workers=self.num_workers, seed=self.seed, track=train,
+            repeat=self.stream_options["repeat"] or not train, trainer=lambda: self.trainer,
+            device=trainer.strategy.root_device if trainer is not None else "cpu",
+        )
 
     def _build(self):
         splits = load_text_splits(**self.source_options)

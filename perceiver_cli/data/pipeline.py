@@ -47,16 +47,10 @@ def tokenize_and_chunk(
     from datasets import DatasetDict, Features, List, Value
     from datasets.fingerprint import Hasher
 
-    if task not in TASKS:
-        raise UserError(f"unknown task {task!r}: use 'clm' or 'mlm'")
-    minimum = 3 if task == "mlm" and _wraps(tokenizer) else 1
-    if max_seq_len < minimum:
-        raise UserError(f"max_seq_len {max_seq_len} is too small for {task}: use at least {minimum}")
+    chunker = make_chunker(tokenizer, task, max_seq_len)
     num_proc = num_proc if num_proc and num_proc > 1 else None
     features = Features({"input_ids": List(Value("int32"))})
     tokenizer_id = tokenizer_fingerprint(tokenizer)
-    wrap = (tokenizer.cls_token_id, tokenizer.sep_token_id) if task == "mlm" and _wraps(tokenizer) else None
-    chunker = _Chunk(chunk_length(tokenizer, task, max_seq_len), wrap, min_length=2 if task == "clm" else 1)
 
     result = {}
     for split, dataset in splits.items():
@@ -82,6 +76,30 @@ def tokenize_and_chunk(
             raise UserError(f"the {split} split has no text: every document is empty; check the data source")
         result[split] = chunks.with_format(None)
     return DatasetDict(result)
+
+
+def make_chunker(tokenizer, task: str, max_seq_len: int) -> "_Chunk":
+    """The chunking rule for `task` (step 2 above), as a function of a table of tokenized documents."""
+    if task not in TASKS:
+        raise UserError(f"unknown task {task!r}: use 'clm' or 'mlm'")
+    minimum = 3 if task == "mlm" and _wraps(tokenizer) else 1
+    if max_seq_len < minimum:
+        raise UserError(f"max_seq_len {max_seq_len} is too small for {task}: use at least {minimum}")
+    wrap = (tokenizer.cls_token_id, tokenizer.sep_token_id) if task == "mlm" and _wraps(tokenizer) else None
+    return _Chunk(chunk_length(tokenizer, task, max_seq_len), wrap, min_length=2 if task == "clm" else 1)
+
+
+def chunk_texts(texts: list[str], tokenize: "_Tokenize", chunker: "_Chunk") -> list[np.ndarray]:
+    """The chunks of one batch of documents, as `tokenize_and_chunk` cuts each batch of CHUNK_BATCH_DOCS documents
+    (the streaming pipeline's one step, data/streaming.py): int32 arrays, in order."""
+    import pyarrow as pa
+
+    ids = tokenize({"text": texts})["input_ids"]
+    table = pa.table({"input_ids": pa.array(ids, type=pa.list_(pa.int32()))})
+    chunks = chunker(table).column("input_ids").combine_chunks()
+    offsets = chunks.offsets.to_numpy()
+    values = np.array(chunks.values.to_numpy(zero_copy_only=False))  # a writable copy, for torch.as_tensor
+    return [values[offsets[i] : offsets[i + 1]] for i in range(len(chunks))]
 
 
 def count_tokens(chunks: "Dataset") -> int:

@@ -101,6 +101,25 @@ def _load_files(path: str, text_column: str, document: str = "paragraph", *, by_
     import datasets
 
     files = _resolve_files(path)
+    builder, options = files_builder(files, path, document)
+    try:
+        splits = datasets.load_dataset(
+            builder, data_files=_split_files(files) if by_name else {"train": files},
+            cache_dir=str(datasets_cache_dir()), **options,
+        )
+    except Exception as e:  # a malformed file surfaces as one of many datasets/pyarrow errors
+        raise UserError(f"could not read {path!r} as {builder} files ({_reason(e)}): check the file format") from e
+    if builder != "text":
+        splits = _select_text_column(splits, text_column, where=repr(path))
+    elif document != "paragraph":
+        splits = splits.filter(_has_text, batched=True, desc="Dropping blank documents")  # blank lines, blank files
+    if splits["train"].num_rows == 0:
+        raise UserError(f"no text found in {path!r}: the files are empty")
+    return splits
+
+
+def files_builder(files: list[str], path: str, document: str = "paragraph") -> tuple[str, dict]:
+    """The `datasets` builder that reads `files` (found at `path`) and its options; refuses what it cannot read."""
     suffixes = sorted({Path(f).suffix.lower() for f in files})
     unsupported = [s or "(none)" for s in suffixes if s not in BUILDERS]
     if unsupported:
@@ -120,21 +139,7 @@ def _load_files(path: str, text_column: str, document: str = "paragraph", *, by_
         raise UserError(f"no text found in {path!r}: the files are empty")
     # Paragraphs by default, not lines: with one row per line, wrapped prose would get an end-of-text token after
     # every line. Whole files ("document") keep long documents whole, blank lines and all.
-    options = {"sample_by": DOCUMENTS[document]} if builder == "text" else {}
-    try:
-        splits = datasets.load_dataset(
-            builder, data_files=_split_files(files) if by_name else {"train": files},
-            cache_dir=str(datasets_cache_dir()), **options,
-        )
-    except Exception as e:  # a malformed file surfaces as one of many datasets/pyarrow errors
-        raise UserError(f"could not read {path!r} as {builder} files ({_reason(e)}): check the file format") from e
-    if builder != "text":
-        splits = _select_text_column(splits, text_column, where=repr(path))
-    elif document != "paragraph":
-        splits = splits.filter(_has_text, batched=True, desc="Dropping blank documents")  # blank lines, blank files
-    if splits["train"].num_rows == 0:
-        raise UserError(f"no text found in {path!r}: the files are empty")
-    return splits
+    return builder, ({"sample_by": DOCUMENTS[document]} if builder == "text" else {})
 
 
 def _has_text(batch: dict) -> list[bool]:
@@ -186,7 +191,9 @@ def _split_files(files: list[str]) -> dict[str, list[str]]:
 # --- the Hugging Face Hub ----------------------------------------------------------------------------------------
 
 
-def _load_hub(name: str, config: str | None, text_column: str):
+def _load_hub(name: str, config: str | None, text_column: str, streaming: bool = False):
+    # streaming: IterableDatasets (data/streaming.py), read from the Hub as they are iterated, or from the local cache
+    # when the Hub cannot be reached.
     import datasets
 
     what = f"{name!r}" + (f" ({config})" if config else "")
@@ -195,7 +202,7 @@ def _load_hub(name: str, config: str | None, text_column: str):
         # Unless the Hub answered for this dataset, `datasets` may only use its local cache: online, it would retry
         # an unreachable Hub for a minute or more (or hang where packets are dropped) before failing.
         with _offline(status != "online"):
-            splits = datasets.load_dataset(name, config)
+            splits = datasets.load_dataset(name, config, streaming=streaming and status == "online")
     except Exception as e:
         reason = {
             "online": _reason(e),
@@ -210,9 +217,12 @@ def _load_hub(name: str, config: str | None, text_column: str):
         raise UserError(
             f"could not load dataset {what} from the Hugging Face Hub: {reason}; {fix}", hint=_reason(e)
         ) from e
-    if not isinstance(splits, datasets.DatasetDict) or "train" not in splits:
+    kinds = (datasets.DatasetDict, datasets.IterableDatasetDict)
+    if not isinstance(splits, kinds) or "train" not in splits:
         raise UserError(f"dataset {what} has no 'train' split: pick a dataset or config that has one")
-    splits = datasets.DatasetDict({k: splits[k] for k in ("train", "validation") if k in splits})
+    splits = type(splits)({k: splits[k] for k in ("train", "validation") if k in splits})
+    if streaming and isinstance(splits, datasets.DatasetDict):  # from the local cache
+        splits = datasets.IterableDatasetDict({k: v.to_iterable_dataset() for k, v in splits.items()})
     return _select_text_column(splits, text_column, where=f"dataset {what}")
 
 
@@ -269,6 +279,8 @@ def _select_text_column(splits, text_column: str, *, where: str):
     from datasets import Value
 
     for split in splits.values():
+        if split.features is None:  # a stream that does not declare its columns: data/streaming.py checks the rows
+            continue
         columns = list(split.column_names)
         if text_column not in columns:
             raise UserError(

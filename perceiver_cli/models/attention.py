@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from perceiver_cli.models.common import FieldName, Problem, field_path, raise_problems
+
 
 # ---------------------------------------------------------------------------------------------------------------
 # Rotary position embedding (https://arxiv.org/abs/2104.09864), GPT-J style: interleaved channel pairs
@@ -228,6 +230,30 @@ def call_layer_norm(norm: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
     return F.layer_norm(x, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
 
 
+def attention_channels(
+    num_q_input_channels: int, num_qk_channels: int | None = None, num_v_channels: int | None = None
+) -> tuple[int, int]:
+    """The query/key and value channels of an attention, defaults resolved: query/key channels default to the query
+    input's channels, value channels to the query/key channels. Every reader of a config's attention channels (the
+    models, their layout checks, the converters) resolves them here."""
+    num_qk_channels = num_qk_channels or num_q_input_channels
+    return num_qk_channels, num_v_channels or num_qk_channels
+
+
+def head_problems(
+    num_heads: int, channels: list[tuple[str, str, int]], heads_field: str = "num_heads", name: FieldName = field_path
+) -> list[Problem]:
+    """What keeps channel counts from splitting into `num_heads` heads: `channels` holds (field, what it is, count)
+    of each count; `heads_field` is the heads' field. (See `perceiver_cli.models.common` for `name`.)"""
+    if num_heads < 1:
+        return [(name(heads_field), "must be at least 1")]
+    return [
+        (name(field), f"{what} ({count}) must be divisible by {name(heads_field)} ({num_heads})")
+        for field, what, count in channels
+        if count % num_heads
+    ]
+
+
 class MultiHeadAttention(nn.Module):
     """Multi-head attention (Perceiver IO paper, appendix E) with separate query/key and value widths.
 
@@ -237,8 +263,8 @@ class MultiHeadAttention(nn.Module):
     The projections are fused where the inputs allow: self-attention computes queries, keys and values with one
     matrix product (`qkv_proj`), cross-attention its keys and values with one (`kv_proj`). One product instead of
     three runs closer to the machine's peak, and a cached generation step makes nine fewer calls. A fused weight is
-    the reference implementations' query, key and value weights stacked along the output axis: see
-    `unfused_state_dict` and `fused_state_dict`, which the converters use.
+    the reference implementations' query, key and value weights stacked along the output axis (`fused_projections`
+    says which); the converters split and stack them (`perceiver_cli.models.huggingface.state_dicts`).
     """
 
     def __init__(
@@ -257,14 +283,15 @@ class MultiHeadAttention(nn.Module):
         self_attention: bool = False,
     ):
         super().__init__()
-        num_qk_channels = num_qk_channels or num_q_input_channels
-        num_v_channels = num_v_channels or num_qk_channels
+        num_qk_channels, num_v_channels = attention_channels(num_q_input_channels, num_qk_channels, num_v_channels)
         num_output_channels = num_output_channels or num_q_input_channels
-        if num_qk_channels % num_heads or num_v_channels % num_heads:
-            raise ValueError(
-                f"query/key channels ({num_qk_channels}) and value channels ({num_v_channels}) "
-                f"must be divisible by the number of heads ({num_heads})"
+        raise_problems(
+            head_problems(
+                num_heads,
+                [("num_qk_channels", "query/key channels", num_qk_channels),
+                 ("num_v_channels", "value channels", num_v_channels)],
             )
+        )
         if self_attention and num_kv_input_channels != num_q_input_channels:
             raise ValueError("self-attention needs as many key/value input channels as query input channels")
         self.num_heads = num_heads
@@ -351,7 +378,8 @@ class MultiHeadAttention(nn.Module):
 
         The same numbers as `forward` with less overhead: on the CPU, the cost of each call is about half of a small
         model's step, so this path skips the general case's reshapes and masks, and calls the projections'
-        functions directly instead of through `nn.Module.__call__` (see `call_linear`)."""
+        functions directly instead of through `nn.Module.__call__` (see `call_linear`). Two paths for speed: a cached
+        step 1.1-1.3x faster (benchmarks/README.md); tests/test_step_paths.py holds them equal."""
         b, heads = h.shape[0], self.num_heads  # N = 1: (B, 1, H * c) views as (B, H, 1, c)
         if self.self_attention:
             qk, v = call_linear(self.qkv_proj, h).split([2 * self.num_qk_channels, self.num_v_channels], dim=-1)
@@ -372,51 +400,3 @@ class MultiHeadAttention(nn.Module):
     def _heads(self, x: torch.Tensor, num_heads: int | None = None) -> torch.Tensor:
         # (B, N, H*c) -> (B, H, N, c), a view
         return x.unflatten(-1, (num_heads or self.num_heads, -1)).transpose(1, 2)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# The separate-projection layout of the reference implementations (transformers, the perceiver-io library)
-# ---------------------------------------------------------------------------------------------------------------
-
-_PARAMETER_KINDS = ("weight", "bias")
-
-
-def unfused_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """`model.state_dict()` with every fused projection split into the separate query, key and value projections
-    (`q_proj`, `k_proj`, `v_proj`) of the reference implementations: the names the converters map."""
-    state = model.state_dict()
-    for prefix, module in _attention_modules(model):
-        for fused, parts in module.fused_projections().items():
-            for kind in _PARAMETER_KINDS:
-                tensor = state.pop(f"{prefix}{fused}.{kind}", None)
-                if tensor is not None:
-                    pieces = tensor.split([size for _, size in parts])  # clones: files refuse shared storage
-                    state.update({f"{prefix}{n}.{kind}": piece.clone() for (n, _), piece in zip(parts, pieces)})
-    return state
-
-
-def fused_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """A state dict for `model` from one with separate query, key and value projections (a converter's); fused
-    tensors pass through unchanged."""
-    state = dict(state)
-    for fused, parts in separate_parameters(model).items():
-        if all(name in state for name in parts):
-            state[fused] = torch.cat([state.pop(name) for name in parts])
-    return state
-
-
-def separate_parameters(model: nn.Module) -> dict[str, list[str]]:
-    """The name of each fused projection parameter of `model` -> the names of the separate parameters it stacks."""
-    parts = {}
-    for prefix, module in _attention_modules(model):
-        for fused, pieces in module.fused_projections().items():
-            for kind in _PARAMETER_KINDS:
-                if getattr(getattr(module, fused), kind) is not None:
-                    parts[f"{prefix}{fused}.{kind}"] = [f"{prefix}{name}.{kind}" for name, _ in pieces]
-    return parts
-
-
-def _attention_modules(model: nn.Module):
-    for name, module in model.named_modules():
-        if isinstance(module, MultiHeadAttention):
-            yield (f"{name}." if name else ""), module

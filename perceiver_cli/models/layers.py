@@ -37,7 +37,8 @@ class MLP(nn.Module):
         return self.fc2(F.gelu(self.fc1(self.norm(x))))  # exact (erf) GELU, as in the paper and transformers
 
     def step(self, x: torch.Tensor) -> torch.Tensor:
-        """`forward` for a cached generation step, without `nn.Module.__call__` (see `call_linear`)."""
+        """`forward` for a cached generation step, without `nn.Module.__call__` (see `call_linear`). Two paths for
+        speed, held equal by tests/test_step_paths.py (see `MultiHeadAttention.step`)."""
         return call_linear(self.fc2, F.gelu(call_linear(self.fc1, call_layer_norm(self.norm, x))))
 
 
@@ -112,7 +113,8 @@ class CrossAttentionLayer(nn.Module):
 
     def step(self, x: torch.Tensor, cache: KVCache, rotary: Rotary | None = None) -> torch.Tensor:
         """`forward` for Perceiver AR's cached generation step: one new latent per sequence, x (B, 1, C), which is
-        also the only new key/value position (see `MultiHeadAttention.step`). Inference only: no dropout."""
+        also the only new key/value position (see `MultiHeadAttention.step`). Inference only: no dropout. Two paths
+        for speed, held equal by tests/test_step_paths.py."""
         attended = self.attention.step(call_layer_norm(self.q_norm, x), cache, rotary)
         x = x + attended if self.attention_residual else attended
         return x + self.mlp.step(x)
@@ -167,7 +169,8 @@ class SelfAttentionLayer(nn.Module):
         return x + dropout(self.mlp(x), self.residual_dropout, self.training)
 
     def step(self, x: torch.Tensor, cache: KVCache, rotary: Rotary | None = None) -> torch.Tensor:
-        """`forward` for a cached generation step, x (B, 1, C): see `MultiHeadAttention.step`. No dropout."""
+        """`forward` for a cached generation step, x (B, 1, C): see `MultiHeadAttention.step`. No dropout. Two
+        paths for speed, held equal by tests/test_step_paths.py."""
         x = x + self.attention.step(call_layer_norm(self.norm, x), cache, rotary)
         return x + self.mlp.step(x)
 
@@ -200,7 +203,8 @@ class SelfAttentionBlock(nn.Module):
         return x
 
     def step(self, x: torch.Tensor, caches: list[KVCache], rotary: Rotary | None = None) -> torch.Tensor:
-        """`forward` for a cached generation step, x (B, 1, C): see `MultiHeadAttention.step`."""
+        """`forward` for a cached generation step, x (B, 1, C): see `MultiHeadAttention.step`. Two paths for
+        speed, held equal by tests/test_step_paths.py."""
         for i, (layer, cache) in enumerate(zip(self.layers, caches, strict=True)):
             x = layer.step(x, cache, rotary if i < self.num_rotary_layers else None)
         return x

@@ -18,6 +18,7 @@ import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 
+from perceiver_cli.data.masking import IGNORE_INDEX
 from perceiver_cli.errors import UserError
 from perceiver_cli.models.clm.model import CausalLanguageModel, CausalLanguageModelConfig
 from perceiver_cli.models.mlm.model import (
@@ -26,6 +27,7 @@ from perceiver_cli.models.mlm.model import (
     TextDecoderConfig,
     TextEncoderConfig,
 )
+from perceiver_cli.models.mlm.positions import masked_positions
 from perceiver_cli.models.optim import build_optimizer, build_scheduler
 from perceiver_cli.models.saved_files import load_checkpoint_file, load_safetensors_file
 from perceiver_cli.models.saved_model import CHECKPOINT_KEY, TASK_NAMES, LoadedModel, checkpoint_metadata
@@ -148,12 +150,12 @@ class LitLanguageModel(pl.LightningModule):
         return loss
 
     def token_mean_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Cross-entropy (logits (T, V), labels (T,), -100 where none) averaged over the predicted tokens of the
+        """Cross-entropy (logits (T, V), labels (T,), IGNORE_INDEX where none) averaged over the predicted tokens of the
         whole step: with several ranks, a rank's sum is divided by the ranks' mean count of tokens, so that the mean
         over ranks (of the loss and of DDP's gradients) is one process's loss over the whole batch. A rank's own mean
         would weigh each token by how few its rank has (masked LM batches differ in their number of masks)."""
-        total = F.cross_entropy(logits, labels, reduction="sum")
-        count = (labels != -100).sum().to(total.dtype)
+        total = F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX, reduction="sum")
+        count = (labels != IGNORE_INDEX).sum().to(total.dtype)
         if self._trainer is not None and self.trainer.world_size > 1:
             count = self.trainer.strategy.reduce(count, reduce_op="mean")  # every rank computes a loss, every step
         return total / count
@@ -236,12 +238,8 @@ class LitMaskedLanguageModel(LitLanguageModel):
 
     def loss(self, batch: Batch) -> torch.Tensor:
         """Cross-entropy on the masked positions only; the decoder computes no other position."""
-        labels = batch["labels"]  # (B, M), -100 where no prediction is wanted
-        selected = labels != -100
-        num_selected = int(selected.sum(dim=1).max())
-        # Selected positions first, per example; the tail of shorter rows points at unselected positions whose
-        # label is -100, so they drop out of the loss.
-        positions = torch.argsort((~selected).to(torch.uint8), dim=1, stable=True)[:, :num_selected]  # (B, S)
+        labels = batch["labels"]  # (B, M), IGNORE_INDEX where no prediction is wanted
+        positions = masked_positions(labels)  # (B, S); the tail of shorter rows drops out of the loss
         logits = self.run_model(batch["input_ids"], batch.get("pad_mask"), output_positions=positions)  # (B, S, V)
         return self.token_mean_loss(logits.flatten(0, 1), labels.gather(1, positions).flatten())
 

@@ -16,8 +16,8 @@ import torch
 from torch import nn
 
 from perceiver_cli.models.attention import KVCache, Rotary, RotaryTable
+from perceiver_cli.models.common import offloaded
 from perceiver_cli.models.layers import CrossAttentionLayer, SelfAttentionBlock, run_layer
-from perceiver_cli.models.perceiver_io import offloaded
 
 
 @dataclass
@@ -148,8 +148,8 @@ class PerceiverAR(nn.Module):
     def step(self, x: torch.Tensor, cache: PerceiverARCache) -> torch.Tensor:
         """A cached generation step: x (B, 1, C), the embedded newest token of each sequence, joins the cache as one
         more latent at position len(cache); returns its output (B, 1, C). The same numbers as
-        `forward(x, positions, 0, cache=cache)` with fewer operations (see `MultiHeadAttention.step`; the timing is in
-        benchmarks/README.md)."""
+        `forward(x, positions, 0, cache=cache)` with fewer operations (see `MultiHeadAttention.step`). Two paths for
+        speed (the timing is in benchmarks/README.md), held equal by tests/test_step_paths.py."""
         rotary = self.rotary_table.span(len(cache), 1, x.device, x.dtype)  # (1, 1, 1, r)
         x = self.cross_attention.step(x, cache.cross_attention, rotary)
         return self.self_attention.step(x, cache.self_attention, rotary)

@@ -7,14 +7,23 @@ latents. Task models (see `mlm/model.py`) supply the input adapter and turn deco
 
 from __future__ import annotations
 
-import contextlib
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from typing import Any, Generic, TypeVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from perceiver_cli.models.attention import attention_channels, head_problems
+from perceiver_cli.models.common import (
+    FieldName,
+    Problem,
+    at_least_one,
+    field_path,
+    init_parameters,
+    offloaded,
+    raise_problems,
+)
 from perceiver_cli.models.layers import CrossAttentionLayer, SelfAttentionBlock, run_layer
 
 
@@ -68,37 +77,54 @@ class PerceiverIOConfig(Generic[E, D]):
         return asdict(self)
 
 
-def config_from_dict(cls: type, values: dict[str, Any]):
-    """Build a flat config dataclass from a dict, rejecting unknown keys with their names."""
-    names = {f.name for f in fields(cls)}
-    unknown = sorted(set(values) - names)
-    if unknown:
-        raise ValueError(f"unknown {cls.__name__} fields: {', '.join(unknown)}")
-    return cls(**values)
+def attention_problems(
+    prefix: str, num_heads: int, qk: int | None, v: int | None, num_q_input_channels: int, name: FieldName
+) -> list[Problem]:
+    """What keeps one attention of a config from splitting into heads: its fields are `prefix` + "_heads",
+    "_qk_channels" and "_v_channels" (e.g. "encoder.num_cross_attention"), its channels resolved from the query
+    input's channels as the attention resolves them."""
+    qk, v = attention_channels(num_q_input_channels, qk, v)
+    channels = [(f"{prefix}_qk_channels", "query/key channels", qk), (f"{prefix}_v_channels", "value channels", v)]
+    return head_problems(num_heads, channels, f"{prefix}_heads", name)
 
 
-def init_parameters(module: nn.Module, init_scale: float) -> None:
-    """Normal(0, init_scale) weights and zero biases for linear and embedding layers (LayerNorms keep 1 and 0)."""
-    with torch.no_grad():
-        for m in module.modules():
-            if isinstance(m, nn.Linear):
-                m.weight.normal_(0.0, init_scale)
-                if m.bias is not None:
-                    m.bias.zero_()
-            elif isinstance(m, nn.Embedding):
-                m.weight.normal_(0.0, init_scale)
+ENCODER_COUNTS = ("num_cross_attention_layers", "num_self_attention_layers_per_block", "num_self_attention_blocks",
+                  "cross_attention_widening_factor", "self_attention_widening_factor")
+
+
+def encoder_problems(
+    config: EncoderConfig, num_latent_channels: int, name: FieldName = field_path, prefix: str = ""
+) -> list[Problem]:
+    """What keeps `config` from building a `PerceiverEncoder` over latents of `num_latent_channels`; `prefix` is
+    the encoder config's path in the model config (e.g. "encoder.")."""
+    named = lambda path: name(prefix + path)  # noqa: E731
+    problems = at_least_one(config, ENCODER_COUNTS, named)
+    for kind in ("cross", "self"):
+        attention = f"num_{kind}_attention"
+        problems += attention_problems(
+            f"{prefix}{attention}", getattr(config, f"{attention}_heads"), getattr(config, f"{attention}_qk_channels"),
+            getattr(config, f"{attention}_v_channels"), num_latent_channels, name,
+        )
+    if config.num_cross_attention_layers > config.num_self_attention_blocks:
+        problems.append((named("num_cross_attention_layers"), "must not exceed num_self_attention_blocks"))
+    return problems
+
+
+def decoder_problems(
+    config: DecoderConfig, num_output_query_channels: int, name: FieldName = field_path, prefix: str = ""
+) -> list[Problem]:
+    """What keeps `config` from building a `PerceiverDecoder` with output queries of `num_output_query_channels`
+    (see `encoder_problems` for `prefix`)."""
+    problems = at_least_one(config, ("cross_attention_widening_factor",), lambda path: name(prefix + path))
+    return problems + attention_problems(
+        f"{prefix}num_cross_attention", config.num_cross_attention_heads, config.num_cross_attention_qk_channels,
+        config.num_cross_attention_v_channels, num_output_query_channels, name,
+    )
 
 
 def freeze(module: nn.Module) -> None:
     for p in module.parameters():
         p.requires_grad_(False)
-
-
-def offloaded(enabled: bool):
-    """Keep saved activations in host memory during the forward pass (pays off on accelerators only)."""
-    if not enabled:
-        return contextlib.nullcontext()
-    return torch.autograd.graph.save_on_cpu(pin_memory=torch.cuda.is_available())
 
 
 class PerceiverEncoder(nn.Module):
@@ -112,10 +138,7 @@ class PerceiverEncoder(nn.Module):
         activation_checkpointing: bool = False,
     ):
         super().__init__()
-        if config.num_cross_attention_layers < 1 or config.num_self_attention_blocks < 1:
-            raise ValueError("the encoder needs at least one cross-attention layer and one self-attention block")
-        if config.num_cross_attention_layers > config.num_self_attention_blocks:
-            raise ValueError("num_cross_attention_layers must not exceed num_self_attention_blocks")
+        raise_problems(encoder_problems(config, num_latent_channels))
         self.config = config
         self.activation_checkpointing = activation_checkpointing
         self.input_adapter = input_adapter
@@ -188,6 +211,7 @@ class PerceiverDecoder(nn.Module):
         activation_checkpointing: bool = False,
     ):
         super().__init__()
+        raise_problems(decoder_problems(config, num_output_query_channels))
         self.activation_checkpointing = activation_checkpointing
         self.output_queries = nn.Parameter(torch.empty(num_output_queries, num_output_query_channels))
         self.cross_attn = CrossAttentionLayer(

@@ -15,7 +15,6 @@ from perceiver_cli.training.callbacks import (
     AtomicCheckpointIO,
     RunSummary,
     LastCheckpoint,
-    StepProgress,
     StopOnSignal,
     Throughput,
 )
@@ -51,6 +50,10 @@ def build_datamodule(cfg: RunConfig) -> TextDataModule:
         static_masking=d.static_masking,
         validation_fraction=d.validation_fraction,
         seed=cfg.trainer.seed,
+        streaming=d.streaming,
+        shuffle_buffer=d.shuffle_buffer,
+        validation_documents=d.validation_documents,
+        repeat=cfg.trainer.max_epochs is not None,  # a stream is read once unless max_epochs asks for more passes
     )
     cfg.check_vocab_size(datamodule.vocab_size)
     return datamodule
@@ -91,15 +94,14 @@ def init_from_weights(lit: LitLanguageModel, source: str, task: str) -> None:
     lit.model.load_state_dict(loaded.model.state_dict())
 
 
-def next_csv_dir(run_dir: Path) -> str:
-    return f"csv-{len(list(run_dir.glob('csv-*'))) + 1}"
-
-
 def build_trainer(
     cfg: RunConfig, run_dir: Path, console: Console, bytes_per_token: float | None, resumed: bool = False
 ) -> pl.Trainer:
     from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
-    from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
+
+    from perceiver_cli.data.streaming import StreamCheckpoint
+    from perceiver_cli.training.loggers import LogConfig, build_loggers
+    from perceiver_cli.training.progress import StepProgress
 
     t = cfg.trainer
     steps_interval = isinstance(t.val_check_interval, int)
@@ -121,10 +123,13 @@ def build_trainer(
         throughput,
         StepProgress(throughput, console),
         RunSummary(run_dir, throughput, console, bytes_per_token),
-        LearningRateMonitor(logging_interval="step"),
+        *([LearningRateMonitor(logging_interval="step")] if cfg.output.loggers else []),  # it needs a logger
         LastCheckpoint(checkpoints / "last.ckpt"),
+        LogConfig(cfg.model_dump(mode="json", exclude_none=True)),  # as config.toml has it
         *strategy_callbacks(cfg),
     ]
+    if cfg.data.streaming:
+        callbacks.append(StreamCheckpoint(checkpoints / "last.ckpt"))
     if cfg.task == "clm" and cfg.output.sample_prompt:
         from perceiver_cli.training.samples import ValidationSample
 
@@ -132,12 +137,7 @@ def build_trainer(
     callbacks += [CollectiveWatch(t.collective_timeout), StopOnSignal()]  # last: a stop comes after the step's work
     trainer = pl.Trainer(
         default_root_dir=run_dir,
-        logger=[
-            TensorBoardLogger(save_dir=run_dir, name="", version="tensorboard"),
-            # Lightning's CSV logger rewrites its file from what it logged itself: a resumed run logs into a new
-            # folder (csv-1, csv-2, ...) so that the history before the resume survives.
-            CSVLogger(save_dir=run_dir, name="", version=next_csv_dir(run_dir) if resumed else "csv"),
-        ],
+        logger=build_loggers(cfg.output.loggers, run_dir, run_dir.parent.name, Path(cfg.output.dir), resumed),
         callbacks=callbacks,
         plugins=[AtomicCheckpointIO()],
         max_steps=t.max_steps,

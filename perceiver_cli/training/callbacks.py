@@ -1,5 +1,5 @@
-"""Lightning callbacks of a `perceiver train` run: progress, throughput, the final summary and loss plot, and
-atomic checkpoint files. Only rank 0 prints or writes."""
+"""Lightning callbacks of a `perceiver train` run: throughput, the final summary and loss plot, and atomic checkpoint
+files (the progress display: progress.py). Only rank 0 prints or writes."""
 
 from __future__ import annotations
 
@@ -15,10 +15,10 @@ import torch
 from pytorch_lightning.plugins.io import TorchCheckpointIO
 from pytorch_lightning.utilities import rank_zero_only
 from rich.console import Console
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
 from perceiver_cli.files import atomic_path, write_atomically
+from perceiver_cli.training.lightning_compat import skip_sigterm_broadcast
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -59,7 +59,7 @@ class StopOnSignal(pl.Callback):
         # After Lightning has installed its handlers (and before it restores the original ones when fit ends).
         for signum in self.SIGNALS:
             signal.signal(signum, self._note)
-        trainer.fit_loop.epoch_loop._broadcast_sigterm_tensor = lambda: None  # see the class docstring
+        skip_sigterm_broadcast(trainer)  # see the class docstring
         self._checked_at = trainer.global_step
 
     def _note(self, signum, frame) -> None:
@@ -140,59 +140,6 @@ class Throughput(pl.Callback):
             return 0.0
         (t0, n0), (t1, n1) = self._window[0], self._window[-1]
         return (n1 - n0) / max(t1 - t0, 1e-9)
-
-
-class StepProgress(pl.Callback):
-    """A rich progress bar over optimizer steps (not epochs: with max_steps the epoch count means nothing), with
-    loss, validation loss, tokens per second and time left. Without a terminal (a log file, CI) it prints a plain
-    line every 5% of the run instead."""
-
-    def __init__(self, throughput: Throughput, console: Console):
-        self.throughput = throughput
-        self.console = console
-        self.progress: Progress | None = None
-        self.task = None
-        self.total: int | None = None
-
-    @rank_zero_only
-    def on_train_start(self, trainer, pl_module) -> None:
-        total = trainer.estimated_stepping_batches
-        self.total = int(total) if math.isfinite(total) else None
-        if not self.console.is_terminal:
-            return
-        self.progress = Progress(
-            TextColumn("[bold]step {task.completed}/{task.total}"),
-            BarColumn(),
-            TextColumn("{task.fields[metrics]}"),
-            TimeElapsedColumn(),
-            TextColumn("left"),
-            TimeRemainingColumn(),
-            console=self.console,
-        )
-        self.progress.start()
-        self.task = self.progress.add_task("train", total=self.total, completed=trainer.global_step, metrics="")
-
-    def _metrics(self, trainer) -> str:
-        metrics = trainer.callback_metrics
-        parts = [f"loss {float(metrics['train_loss']):.4f}"] if "train_loss" in metrics else []
-        if "val_loss" in metrics:
-            parts.append(f"val {float(metrics['val_loss']):.4f}")
-        parts.append(f"{self.throughput.tokens_per_second:,.0f} tok/s")
-        return "  ".join(parts)
-
-    @rank_zero_only
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        step = trainer.global_step
-        if self.progress is not None:
-            self.progress.update(self.task, completed=step, metrics=self._metrics(trainer))
-        elif step % max(1, (self.total or 1000) // 20) == 0:
-            self.console.print(f"step {step}/{self.total or '?'}  {self._metrics(trainer)}", highlight=False)
-
-    @rank_zero_only
-    def on_train_end(self, trainer, pl_module) -> None:
-        if self.progress is not None:
-            self.progress.update(self.task, completed=trainer.global_step, metrics=self._metrics(trainer))
-            self.progress.stop()
 
 
 class RunSummary(pl.Callback):

@@ -13,9 +13,11 @@ collective of the training therefore has a deadline, `[trainer] collective_timeo
 torch ends a collective that has not completed by then with an error), and `CollectiveWatch` turns that error into
 one line naming what was waited for and the last completed step. Setting up waits longer (JOIN_TIMEOUT): the ranks
 start at different times, and under torchrun or srun the others wait for rank 0 to prepare the data. A rank that
-was killed closes its connections, so the others fail at their next collective, at once. `RankLauncher` replaces
+was killed closes its connections, so the others fail at their next collective, at once. `watch_ranks` replaces
 Lightning's watcher of the ranks it starts, which SIGKILLs rank 0 as soon as another rank ends badly, before rank 0
 could say why or finish a checkpoint.
+
+The private Lightning and torch attributes this needs are used through `lightning_compat`.
 """
 
 from __future__ import annotations
@@ -23,8 +25,8 @@ from __future__ import annotations
 import math
 import os
 import signal
+import subprocess
 import sys
-import threading
 import time
 import traceback
 from datetime import timedelta
@@ -32,14 +34,18 @@ from typing import TYPE_CHECKING
 
 import pytorch_lightning as pl
 import torch
-from lightning_fabric.utilities.distributed import _set_num_threads_if_needed
 from pytorch_lightning.strategies import DDPStrategy, FSDPStrategy
-from pytorch_lightning.strategies.launchers import _SubprocessScriptLauncher
 from torch import nn
 
 from perceiver_cli.errors import UserError
 from perceiver_cli.models.layers import CrossAttentionLayer, SelfAttentionLayer
 from perceiver_cli.models.lightning import NonFiniteLossError
+from perceiver_cli.training.lightning_compat import (
+    failed_collective,
+    is_torch_frame,
+    observe_launched_ranks,
+    set_collective_timeout,
+)
 
 if TYPE_CHECKING:
     from perceiver_cli.config import RunConfig
@@ -125,7 +131,7 @@ class CollectiveWatch(pl.Callback):
 
     def on_train_start(self, trainer, pl_module) -> None:
         if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.distributed_c10d._set_pg_timeout(timedelta(seconds=self.timeout))
+            set_collective_timeout(self.timeout)
             self.waited = self.timeout
         self.completed = trainer.global_step
         self.stage = "starting to train"
@@ -160,13 +166,13 @@ class CollectiveWatch(pl.Callback):
             return None
         what = self.stage
         frames = traceback.extract_tb(err.__traceback__)
-        collective = next((f for f in reversed(frames) if f.filename.endswith("distributed_c10d.py")), None)
+        collective = failed_collective(frames)
         if collective is not None:
             # Who called it: our code where it did (a training step, a callback), else Lightning.
-            callers = [f for f in frames if "/torch/" not in f.filename and f.filename != collective.filename]
+            callers = [f for f in frames if not is_torch_frame(f)]
             ours = [f for f in callers if "perceiver_cli" in f.filename and "/training/run.py" not in f.filename
                     and "/commands/" not in f.filename and not f.filename.endswith("cli.py")
-                    and f.name != "launch"]  # RankLauncher.launch holds all of trainer.fit
+                    and f.name != "launch"]  # ObservedSubprocessLauncher.launch holds all of trainer.fit
             caller = (ours or callers or [collective])[-1]
             what = f"torch.distributed.{collective.name} (called from {caller.name}) during {self.stage}"
         if "Connection" in text:
@@ -176,42 +182,25 @@ class CollectiveWatch(pl.Callback):
         return f"{cause}; the last completed step is {self.completed}"
 
 
-class RankLauncher(_SubprocessScriptLauncher):
-    """Lightning's launcher of the other ranks of this machine (it re-runs the command with LOCAL_RANK set), with a
-    gentler watcher: Lightning's SIGKILLs this process within 5 s of another rank ending badly, which loses this
-    rank's error message and can cut a checkpoint save short. Here this rank gets one collective timeout (plus a
-    margin) to end by itself: its next collective fails at once if the rank died, or times out."""
-
-    def __init__(self, launcher: _SubprocessScriptLauncher, timeout: float):
-        super().__init__(launcher.cluster_environment, launcher.num_processes, launcher.num_nodes)
-        self.timeout = timeout
-
-    def launch(self, function, *args, trainer=None, **kwargs):
-        # Lightning's launch() with our watcher instead of its own.
-        self.cluster_environment.validate_settings(num_devices=self.num_processes, num_nodes=self.num_nodes)
-        if not self.cluster_environment.creates_processes_externally:
-            self._call_children_scripts()
-            threading.Thread(target=self._watch, daemon=True, name="rank-watcher").start()
-        _set_num_threads_if_needed(num_processes=self.num_processes)
-        return function(*args, **kwargs)
-
-    def _watch(self, period: float = 1.0, margin: float = 30.0) -> None:
-        while True:
-            time.sleep(period)
-            ended = [(rank, p.poll()) for rank, p in enumerate(self.procs, start=1) if p.poll() is not None]
-            if len(ended) == len(self.procs) and all(code == 0 for _, code in ended):
-                return
-            failed = [(rank, code) for rank, code in ended if code != 0]
-            if failed:
-                time.sleep(self.timeout + margin)
-                rank, code = failed[0]
-                print(f"error: rank {rank} ended with status {code} and rank 0 did not stop within "
-                      f"{self.timeout + margin:g} s; ending it", file=sys.stderr, flush=True)
-                os.kill(os.getpid(), signal.SIGKILL)
-
-
 def watch_ranks(trainer: pl.Trainer, timeout: float) -> None:
-    """Start the other ranks with RankLauncher (see there), where Lightning starts them."""
-    launcher = trainer.strategy.launcher
-    if type(launcher) is _SubprocessScriptLauncher:
-        trainer.strategy._launcher = RankLauncher(launcher, timeout)  # Lightning has no setter for it
+    """Where Lightning starts the other ranks of this machine, watch them with `_watch_ranks` instead of Lightning's
+    watcher, which SIGKILLs this process within 5 s of another rank ending badly: that loses this rank's error
+    message and can cut a checkpoint save short."""
+    observe_launched_ranks(trainer.strategy, lambda procs: _watch_ranks(procs, timeout))
+
+
+def _watch_ranks(procs: list[subprocess.Popen], timeout: float, period: float = 1.0, margin: float = 30.0) -> None:
+    """Once another rank (`procs`: ranks 1, 2, ...) has ended badly, give this rank one collective timeout (plus a
+    margin) to end by itself, then end it: its next collective fails at once if the rank died, or times out."""
+    while True:
+        time.sleep(period)
+        ended = [(rank, p.poll()) for rank, p in enumerate(procs, start=1) if p.poll() is not None]
+        if len(ended) == len(procs) and all(code == 0 for _, code in ended):
+            return
+        failed = [(rank, code) for rank, code in ended if code != 0]
+        if failed:
+            time.sleep(timeout + margin)
+            rank, code = failed[0]
+            print(f"error: rank {rank} ended with status {code} and rank 0 did not stop within "
+                  f"{timeout + margin:g} s; ending it", file=sys.stderr, flush=True)
+            os.kill(os.getpid(), signal.SIGKILL)

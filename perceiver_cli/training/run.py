@@ -49,6 +49,9 @@ def count_parameters(cfg: RunConfig, vocab_size: int) -> int:
 
 def dry_run(cfg: RunConfig, name: str, console: Console) -> None:
     """Print the resolved config, parameter count, memory and tokens per step; build nothing that allocates."""
+    from perceiver_cli.training.loggers import check_loggers
+
+    check_loggers(cfg.output.loggers)
     vocab_size = cfg.vocab_size()
     params = count_parameters(cfg, vocab_size)
     t, d = cfg.trainer, cfg.data
@@ -111,6 +114,10 @@ def fit(cfg: RunConfig, name: str, checkpoint: Path | None, console: Console, la
     from perceiver_cli.training.build import build_datamodule, build_lit_model, build_trainer
     from perceiver_cli.training.callbacks import LastCheckpoint
     from perceiver_cli.training.distributed import CollectiveWatch
+    from perceiver_cli.training.loggers import check_loggers
+    from perceiver_cli.training.progress import data_preparation
+
+    check_loggers(cfg.output.loggers)  # a missing package must cost seconds, not a data preparation
 
     trainer_section, layout_note = check_layout(cfg.trainer, launch)
     cfg = cfg.model_copy(update={"trainer": trainer_section})
@@ -122,7 +129,8 @@ def fit(cfg: RunConfig, name: str, checkpoint: Path | None, console: Console, la
     # inside trainer.fit and load them in setup(). Data comes before the run directory: bad data (a missing file,
     # not UTF-8) must not leave an empty run behind.
     if launch.local_rank == 0:
-        with console.status("preparing data (cached after the first run)"):
+        title = "opening the stream" if cfg.data.streaming else "preparing data (cached after the first run)"
+        with data_preparation(console, title):
             datamodule.prepare_data()
 
     run_dir = run_dir_for(Path(cfg.output.dir), name, checkpoint, launch)
@@ -200,8 +208,13 @@ def _describe_data(cfg: RunConfig, datamodule) -> str:
     source = {
         "embedded": f"embedded corpus {d.name or 'prose'}",
         "files": f"files {d.path}" + (f" (one document per {d.document})" if d.document != "paragraph" else ""),
-        "hub": f"hub {d.name} {d.config_name or ''}",
+        "hub": f"hub {d.name} {d.config_name or ''}".rstrip(),
     }
+    if d.streaming:
+        aside = sizes.get("validation_documents")
+        validation = f"the first {aside:,} documents set aside" if aside else "its validation split"
+        return (f"data: {source[d.source]}: streamed (tokenized as training goes, shuffle buffer {d.shuffle_buffer:,} "
+                f"chunks); validation: {validation}")
     parts = [f"{split} {s['tokens']:,} tokens ({s['chunks']:,} chunks)" for split, s in sizes.items()]
     t = cfg.trainer
     processes = (t.devices if isinstance(t.devices, int) else 1) * t.num_nodes  # each takes its share of the chunks

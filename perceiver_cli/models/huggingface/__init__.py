@@ -12,8 +12,9 @@ the command line starts fast, and transformers offers no hook to register a mode
 to transformers' own `PerceiverForMaskedLM` and need no registration; `--remote-code` exports need none either.
 
 Modules: `pretrained` (directories <-> backend models), `files` (config, weights, tokenizer, atomic writes),
-`perceiver_for_masked_lm` and `perceiver_io_library` (the foreign formats), `modeling_perceiver_ar` (our
-transformers classes for the causal LM) and `remote_code` (its self-contained modeling file).
+`perceiver_for_masked_lm` and `perceiver_io_library` (the foreign formats), `state_dicts` (our fused attention
+projections <-> their separate ones), `modeling_perceiver_ar` (our transformers classes for the causal LM) and
+`remote_code` (its self-contained modeling file).
 """
 
 from transformers import AutoConfig, AutoModelForCausalLM

@@ -18,6 +18,7 @@ into the self-contained modeling file of `perceiver convert --to hf --remote-cod
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, fields
 
 import torch
@@ -128,6 +129,21 @@ class PerceiverARCausalLMConfig(PreTrainedConfig):
         return CausalLanguageModelConfig(**{f.name: getattr(self, f.name) for f in fields(CausalLanguageModelConfig)})
 
 
+@dataclass
+class _ForwardCall:
+    """What one call of `PerceiverARForCausalLM.forward` asks for, as its modes read it. `stepper` and `cache` are
+    the generation state; a mode that starts a new one (`make_cache`) sets both."""
+
+    inputs: torch.Tensor  # input_ids (B, N) or inputs_embeds (B, N, C)
+    attention_mask: torch.Tensor | None
+    logits_to_keep: int
+    num_latents: int | None
+    output_hidden_states: bool
+    stepper: WindowStepper | None
+    cache: PerceiverARGenerationCache | None
+    make_cache: bool  # use_cache=True without labels and without a generation state: make one on this input
+
+
 class PerceiverARForCausalLM(PreTrainedModel, GenerationMixin):
     """`self.model` is the backend `CausalLanguageModel`, so the weights are its parameters prefixed by `model.`."""
 
@@ -210,66 +226,67 @@ class PerceiverARForCausalLM(PreTrainedModel, GenerationMixin):
         use_cache = bool(use_cache) or cache is not None
         return_dict = self.config.return_dict if return_dict is None else return_dict
         output_hidden_states = self.config.output_hidden_states if output_hidden_states is None else output_hidden_states
-        inputs = input_ids if inputs_embeds is None else inputs_embeds
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass either input_ids or inputs_embeds")
-        state = cache.stepper if cache is not None else decoding_state
-        hidden_states = None
-        if state is not None and state.started:
-            logits, hidden_states = self._generation_step(state, inputs, attention_mask, cache is None, output_hidden_states)
-        else:
-            logits = None
-            if num_latents is not None:
-                window = inputs[:, -self.config.max_seq_len :]
-                mask = None if attention_mask is None else attention_mask[:, -window.shape[1] :] == 0
-                outputs = self._run(window, window.shape[1] - num_latents, mask, output_hidden_states)
-                logits, hidden_states = outputs[0], outputs[1:] or None
-            elif state is not None and logits_to_keep > 1 and not output_hidden_states:
-                # Assisted decoding's first pass: the prompt, then draft tokens that must be generation steps (they
-                # are verified against them, and crop() may undo them).
-                split = inputs.shape[1] - logits_to_keep + 1
-                mask = None if attention_mask is None else attention_mask[:, :split]
-                first = state.start(inputs[:, :split], mask, num_latents)[:, None]
-                logits = torch.cat([first, state.extend(inputs[:, split:])], dim=1)
-            elif not (logits_to_keep == 1 and state is not None and not output_hidden_states):
-                # (else the stepper's first window computes them below)
-                logits, hidden_states = self._sequence(inputs, attention_mask, logits_to_keep, output_hidden_states)
-            if state is None and use_cache and labels is None:
-                schedule = getattr(self.generation_config, "window_schedule", None) or DEFAULT_SCHEDULE
-                state = WindowStepper(self.model, schedule, use_cache=True)
-                cache = PerceiverARGenerationCache(state)
-            if state is not None and not state.started:
-                last = state.start(inputs, attention_mask, num_latents)[:, None]
-                logits = last if logits is None else logits
-        loss = None
-        if labels is not None:
-            # The usual causal LM loss: the logits at position i predict token i + 1.
-            n = logits.shape[1]
-            targets = labels[:, -n:][:, 1:]
-            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
+        call = _ForwardCall(
+            inputs=input_ids if inputs_embeds is None else inputs_embeds,
+            attention_mask=attention_mask,
+            logits_to_keep=logits_to_keep,
+            num_latents=num_latents,
+            output_hidden_states=bool(output_hidden_states),
+            stepper=cache.stepper if cache is not None else decoding_state,
+            cache=cache,
+            make_cache=cache is None and decoding_state is None and use_cache and labels is None,
+        )
+        logits, hidden_states = self._mode(call)(call)
         output = PerceiverARCausalLMOutput(
-            loss=loss,
+            loss=None if labels is None else self._loss(logits, labels),
             logits=logits,
-            cache=cache if use_cache else None,
+            cache=call.cache if use_cache else None,
             hidden_states=hidden_states,
-            decoding_state=decoding_state if cache is None else None,
+            decoding_state=decoding_state if call.cache is None else None,
         )
         return output if return_dict else output.to_tuple()
 
-    def _sequence(self, inputs, attention_mask, logits_to_keep: int, output_hidden_states: bool):
-        """Logits of the last `logits_to_keep` positions (0: all) and, if asked, the hidden states of all."""
-        keep = 0 if output_hidden_states else logits_to_keep
-        run = lambda x, prefix_len, pad_mask: self._run(x, prefix_len, pad_mask, output_hidden_states)  # noqa: E731
-        logits, *hidden_states = sequence_outputs(self.model, inputs, attention_mask, keep, run)
-        if keep != logits_to_keep and logits_to_keep > 0:
-            logits = logits[:, -logits_to_keep:]
-        return logits, tuple(hidden_states) or None
+    # -----------------------------------------------------------------------------------------------------------
+    # The modes of `forward`: `_mode` picks one per call, each returns (logits, hidden states or None)
+    # -----------------------------------------------------------------------------------------------------------
 
-    def _generation_step(self, state: WindowStepper, inputs, attention_mask, whole_sequence: bool, output_hidden_states: bool):
-        """Logits (B, t, V) of t generation steps over the new tokens of `inputs` and, if asked, hidden states: of
-        the new positions from their generation windows, and without the cache (`whole_sequence`) those of the
-        older positions too, as a full pass of transformers' models gives them."""
+    def _mode(self, call: _ForwardCall) -> Callable[[_ForwardCall], tuple]:
+        """The method that answers `call`:
+
+        - `_generation_steps`: a started generation state (a cache, or `decoding_state` without one): the input
+          is the new tokens, each one generation step;
+        - `_one_window`: `num_latents` given: the model's raw forward pass over the last window;
+        - `_assisted_decoding_start`: a fresh generation state and `logits_to_keep > 1` (assisted decoding's first
+          pass): the prompt starts generation, the draft tokens are generation steps;
+        - `_generation_start`: a fresh generation state and `logits_to_keep == 1` (generate()'s first pass): the
+          stepper's first window gives the logits;
+        - `_all_positions`: the logits of every position (or of the last `logits_to_keep`), each scored at a latent
+          of its own window.
+
+        A fresh generation state (and, with `use_cache=True`, a new cache) starts on the input in every mode that
+        does not step."""
+        stepper, plain = call.stepper, not call.output_hidden_states
+        if stepper is not None and stepper.started:
+            return self._generation_steps
+        if call.num_latents is not None:
+            return self._one_window
+        if stepper is not None and plain and call.logits_to_keep > 1:
+            return self._assisted_decoding_start
+        if stepper is not None and plain and call.logits_to_keep == 1:
+            return self._generation_start
+        return self._all_positions
+
+    def _generation_steps(self, call: _ForwardCall) -> tuple:
+        """Logits (B, t, V) of t generation steps over the new tokens of the input and, if asked, hidden states: of
+        the new positions from their generation windows, and without the cache (the whole sequence comes each step)
+        those of the older positions too, as a full pass of transformers' models gives them."""
+        state, inputs, attention_mask, output_hidden_states = (
+            call.stepper, call.inputs, call.attention_mask, call.output_hidden_states
+        )
         everything = inputs
+        whole_sequence = call.cache is None
         if whole_sequence:  # without the cache the whole sequence comes each step, reordered by beam search
             inputs = state.take_new_tokens(inputs)
         steps = []
@@ -284,6 +301,67 @@ class PerceiverARForCausalLM(PreTrainedModel, GenerationMixin):
             _, older = self._sequence(everything[:, :-t], mask, 0, True)
             hidden_states = tuple(torch.cat([old, new], dim=1) for old, new in zip(older, hidden_states))
         return logits, hidden_states
+
+    def _one_window(self, call: _ForwardCall) -> tuple:
+        """The logits (B, k, V) of the single window over the last max_seq_len positions whose last k =
+        `num_latents` positions are latents."""
+        window = call.inputs[:, -self.config.max_seq_len :]
+        mask = None if call.attention_mask is None else call.attention_mask[:, -window.shape[1] :] == 0
+        logits, *hidden_states = self._run(window, window.shape[1] - call.num_latents, mask, call.output_hidden_states)
+        self._start_generation(call)
+        return logits, tuple(hidden_states) or None
+
+    def _assisted_decoding_start(self, call: _ForwardCall) -> tuple:
+        """Assisted decoding's first pass: the prompt, then draft tokens that must be generation steps (they are
+        verified against them, and crop() may undo them)."""
+        split = call.inputs.shape[1] - call.logits_to_keep + 1
+        mask = None if call.attention_mask is None else call.attention_mask[:, :split]
+        first = call.stepper.start(call.inputs[:, :split], mask, call.num_latents)[:, None]
+        return torch.cat([first, call.stepper.extend(call.inputs[:, split:])], dim=1), None
+
+    def _generation_start(self, call: _ForwardCall) -> tuple:
+        """generate()'s first pass: the logits (B, 1, V) of the stepper's first window."""
+        return self._start_generation(call), None
+
+    def _all_positions(self, call: _ForwardCall) -> tuple:
+        logits, hidden_states = self._sequence(
+            call.inputs, call.attention_mask, call.logits_to_keep, call.output_hidden_states
+        )
+        self._start_generation(call)
+        return logits, hidden_states
+
+    # -----------------------------------------------------------------------------------------------------------
+    # What the modes share
+    # -----------------------------------------------------------------------------------------------------------
+
+    def _start_generation(self, call: _ForwardCall) -> torch.Tensor | None:
+        """Start the call's fresh generation state on its input (first making one, with its cache, if it asks for a
+        cache), and return its first logits (B, 1, V); None without a generation state. It costs one more pass over
+        the last window in the modes that computed their own logits."""
+        if call.stepper is None and call.make_cache:
+            schedule = getattr(self.generation_config, "window_schedule", None) or DEFAULT_SCHEDULE
+            call.stepper = WindowStepper(self.model, schedule, use_cache=True)
+            call.cache = PerceiverARGenerationCache(call.stepper)
+        if call.stepper is None:
+            return None
+        return call.stepper.start(call.inputs, call.attention_mask, call.num_latents)[:, None]
+
+    @staticmethod
+    def _loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """The usual causal LM loss: the logits at position i predict token i + 1. Labels of -100 are left out:
+        transformers' convention, and torch's default `ignore_index` (`perceiver_cli.data.masking.IGNORE_INDEX`)."""
+        n = logits.shape[1]
+        targets = labels[:, -n:][:, 1:]
+        return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten())
+
+    def _sequence(self, inputs, attention_mask, logits_to_keep: int, output_hidden_states: bool):
+        """Logits of the last `logits_to_keep` positions (0: all) and, if asked, the hidden states of all."""
+        keep = 0 if output_hidden_states else logits_to_keep
+        run = lambda x, prefix_len, pad_mask: self._run(x, prefix_len, pad_mask, output_hidden_states)  # noqa: E731
+        logits, *hidden_states = sequence_outputs(self.model, inputs, attention_mask, keep, run)
+        if keep != logits_to_keep and logits_to_keep > 0:
+            logits = logits[:, -logits_to_keep:]
+        return logits, tuple(hidden_states) or None
 
     def _run(self, x, prefix_len, pad_mask, output_hidden_states: bool) -> tuple[torch.Tensor, ...]:
         """One pass of the backend: the latents' logits and, if asked, their hidden states (see `forward`)."""

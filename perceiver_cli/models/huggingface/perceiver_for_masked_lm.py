@@ -1,6 +1,6 @@
 """Our masked LM <-> transformers' `PerceiverForMaskedLM` (for example deepmind/language-perceiver): configs and
 parameter names. The two compute the same function with the same parameters, one to one, for the configurations
-`PerceiverForMaskedLM` can express; `hf_name` maps the names of `attention.unfused_state_dict` (separate query, key
+`PerceiverForMaskedLM` can express; `hf_name` maps the names of `state_dicts.unfused_state_dict` (separate query, key
 and value projections, as transformers has them).
 
 Its limits: the decoder has 8 heads, 256 query/key channels, value channels equal to the input channels, widening
@@ -16,6 +16,7 @@ from __future__ import annotations
 from typing import Callable
 
 from perceiver_cli.errors import UserError
+from perceiver_cli.models.attention import attention_channels
 from perceiver_cli.models.mlm.model import MaskedLanguageModelConfig, TextDecoderConfig, TextEncoderConfig
 
 ARCHITECTURE = "PerceiverForMaskedLM"
@@ -81,12 +82,15 @@ def config_to_hf(config: MaskedLanguageModelConfig):
 
     enc, dec = config.encoder, config.decoder
     d_model, d_latents = enc.num_input_channels, config.num_latent_channels
-    cross_qk = enc.num_cross_attention_qk_channels or d_latents
-    cross_v = enc.num_cross_attention_v_channels or cross_qk
-    self_qk = enc.num_self_attention_qk_channels or d_latents
-    self_v = enc.num_self_attention_v_channels or self_qk
-    dec_qk = dec.num_cross_attention_qk_channels or d_model
-    dec_v = dec.num_cross_attention_v_channels or dec_qk
+    cross_qk, cross_v = attention_channels(
+        d_latents, enc.num_cross_attention_qk_channels, enc.num_cross_attention_v_channels
+    )
+    self_qk, self_v = attention_channels(
+        d_latents, enc.num_self_attention_qk_channels, enc.num_self_attention_v_channels
+    )
+    dec_qk, dec_v = attention_channels(
+        config.output_query_channels, dec.num_cross_attention_qk_channels, dec.num_cross_attention_v_channels
+    )
     ours = (cross_qk, cross_v, self_qk, self_v)
     # The first qk/v setting of transformers that yields our channels (its self-attention output keeps the value
     # channels, so those must equal the latent channels).

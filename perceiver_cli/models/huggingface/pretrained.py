@@ -17,7 +17,6 @@ from typing import Any, Callable
 
 from perceiver_cli.errors import UserError
 from perceiver_cli.files import atomic_directory
-from perceiver_cli.models.attention import fused_state_dict, unfused_state_dict
 from perceiver_cli.models.clm.windows import DEFAULT_SCHEDULE
 from perceiver_cli.models.huggingface import perceiver_for_masked_lm, perceiver_io_library
 from perceiver_cli.models.huggingface.files import (
@@ -32,6 +31,7 @@ from perceiver_cli.models.huggingface.files import (
 )
 from perceiver_cli.models.huggingface.modeling_perceiver_ar import PerceiverARCausalLMConfig, PerceiverARForCausalLM
 from perceiver_cli.models.huggingface.remote_code import auto_map, write_modeling_file
+from perceiver_cli.models.huggingface.state_dicts import fused_state_dict, unfused_state_dict
 from perceiver_cli.models.saved_model import LoadedModel, build_backend_model
 
 # A format's reader: (config.json, source tensors) -> (our config, the source name of each of our parameters, the
@@ -48,7 +48,7 @@ def _read_ours(config_json: dict, tensors: dict) -> tuple[Any, Callable[[str], s
 
 
 # model_type -> (task, reader of its config and parameter names, whether those names are of the reference layout:
-# separate query, key and value projections, see `attention.unfused_state_dict`; ours has the fused ones)
+# separate query, key and value projections, see `state_dicts.unfused_state_dict`; ours has the fused ones)
 READERS: dict[str, tuple[str, Reader, bool]] = {
     "perceiver": ("mlm", perceiver_for_masked_lm.read, True),
     PerceiverARCausalLMConfig.model_type: ("clm", _read_ours, False),

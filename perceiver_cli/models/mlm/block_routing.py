@@ -31,6 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from perceiver_cli.models.attention import attention_channels
+
 # Gains of the routing logits, chosen so that at initialisation over 95% of each encoder head's attention and over
 # 80% of each decoder head's lands on its target (tests/test_block_routing.py checks the routing).
 ENCODER_GAIN = 3.0
@@ -83,13 +85,13 @@ def problems(config) -> list[tuple[str, str]]:
                       f"block routing reads each byte of a block through its own decoder head, but the decoder has "
                       f"{dec.num_cross_attention_heads} heads and the encoder's cross-attention {p}: make them equal "
                       "(8 keeps `convert --to hf` possible)"))
-    enc_qk = (enc.num_cross_attention_qk_channels or config.num_latent_channels) // p
+    enc_qk = attention_channels(config.num_latent_channels, enc.num_cross_attention_qk_channels)[0] // p
     if enc_qk < code:
         found.append(("encoder.num_cross_attention_qk_channels",
                       f"block routing needs {code} query/key channels per head for the position code of "
                       f"{length} positions: set at least {code * p}"))
-    query_channels = dec.num_output_query_channels or enc.num_input_channels
-    dec_qk = (dec.num_cross_attention_qk_channels or query_channels) // dec.num_cross_attention_heads
+    query_channels = config.output_query_channels
+    dec_qk = attention_channels(query_channels, dec.num_cross_attention_qk_channels)[0] // dec.num_cross_attention_heads
     if dec_qk < code + 1:
         found.append(("decoder.num_cross_attention_qk_channels",
                       f"block routing needs {code + 1} query/key channels per decoder head: set at least "

@@ -14,7 +14,9 @@ import torch
 from torch import nn
 
 from perceiver_cli.models.adapters import TokenInputAdapter, tied_logits
-from perceiver_cli.models.mlm.block_routing import init_block_routing, problems
+from perceiver_cli.models.common import FieldName, Problem, at_least_one, config_from_dict, field_path, raise_problems
+from perceiver_cli.models.mlm.block_routing import init_block_routing
+from perceiver_cli.models.mlm.block_routing import problems as routing_problems
 from perceiver_cli.models.perceiver_io import (
     DecoderConfig,
     EncoderConfig,
@@ -22,7 +24,8 @@ from perceiver_cli.models.perceiver_io import (
     PerceiverEncoder,
     PerceiverIO,
     PerceiverIOConfig,
-    config_from_dict,
+    decoder_problems,
+    encoder_problems,
 )
 
 
@@ -46,6 +49,11 @@ class MaskedLanguageModelConfig(PerceiverIOConfig[TextEncoderConfig, TextDecoder
     # blocks of bytes to latents and back (block_routing.py), which lets a small model learn from scratch.
     routing_init: Literal["random", "blocks"] = "random"
 
+    @property
+    def output_query_channels(self) -> int:
+        """The decoder's output query channels: `decoder.num_output_query_channels`, by default the input's."""
+        return self.decoder.num_output_query_channels or self.encoder.num_input_channels
+
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "MaskedLanguageModelConfig":
         """Inverse of `to_dict`; unknown keys are errors."""
@@ -55,14 +63,25 @@ class MaskedLanguageModelConfig(PerceiverIOConfig[TextEncoderConfig, TextDecoder
         return config_from_dict(cls, values)
 
 
+def layout_problems(config: MaskedLanguageModelConfig, name: FieldName = field_path) -> list[Problem]:
+    """What keeps `config` from building a `MaskedLanguageModel`, each field named by `name` (see
+    `perceiver_cli.models.common`): the constructor raises these, the preset schema reports them."""
+    enc, dec = config.encoder, config.decoder
+    problems = at_least_one(config, ("num_latents", "num_latent_channels", "encoder.num_input_channels"), name)
+    problems += encoder_problems(enc, config.num_latent_channels, name, prefix="encoder.")
+    problems += decoder_problems(dec, config.output_query_channels, name, prefix="decoder.")
+    for field in ("max_seq_len", "vocab_size"):
+        if getattr(enc, field) != getattr(dec, field):
+            problems.append((name(f"decoder.{field}"), f"must equal {name(f'encoder.{field}')}"))
+    if config.routing_init == "blocks" and not problems:
+        problems += [(name(path), message) for path, message in routing_problems(config)]
+    return problems
+
+
 class MaskedLanguageModel(PerceiverIO):
     def __init__(self, config: MaskedLanguageModelConfig):
+        raise_problems(layout_problems(config))
         enc, dec = config.encoder, config.decoder
-        if enc.max_seq_len != dec.max_seq_len or enc.vocab_size != dec.vocab_size:
-            raise ValueError("encoder and decoder must have the same max_seq_len and vocab_size")
-        found = problems(config) if config.routing_init == "blocks" else []
-        if found:
-            raise ValueError("; ".join(f"{path}: {message}" for path, message in found))
         encoder = PerceiverEncoder(
             enc,
             input_adapter=TokenInputAdapter(enc.vocab_size, enc.max_seq_len, enc.num_input_channels),
@@ -71,7 +90,7 @@ class MaskedLanguageModel(PerceiverIO):
             num_latent_channels=config.num_latent_channels,
             activation_checkpointing=config.activation_checkpointing,
         )
-        query_channels = dec.num_output_query_channels or enc.num_input_channels
+        query_channels = config.output_query_channels
         decoder = PerceiverDecoder(
             dec,
             num_output_queries=dec.max_seq_len,

@@ -1,0 +1,414 @@
+"""The context-scaling benchmark: the `learning-long` row of `python -m benchmarks` (`--only learning-long`, or
+`--only context`). What the row measures, and why so (benchmarks/README.md, "Long context"):
+
+1. Learning at equal training time, on the embedded long-document corpus "code" (the standard library's .py files
+   whole, one document each; its validation split is held-out files). Perceiver AR at each window of
+   `Settings.context_windows` (`data.max_seq_len`; 512 to 32k bytes), trained by the project's own training code
+   (`learning.train_ours`: the builders `perceiver train` uses) from the `clm-long` preset (its latents, or
+   `context_latents`, at most the window), or while there is none from `clm-small` on the "code" corpus with 128
+   latents; then the GPT-2 nanoGPT recipe (`learning.train_gpt`) at each block of `Settings.context_gpt_blocks` (64
+   to 1,024), on random windows of the same training stream. Every model gets the same training time
+   (`context_budget_s`): a short timed run of each (2 untimed steps, `calibration_steps` timed, 1 untimed) gives its
+   seconds per step, the step count (and so the cosine schedule, whose warmup is capped at a quarter of it on both
+   sides) is the budget over that, and training stops at the first step past the budget in any case (the preset's
+   `max_time`, which counts validation too, is lifted).
+2. Held-out bits per byte of each at its full window (`evaluate_clm`, the code of `perceiver eval`) on the first
+   `context_eval_bytes` bytes of the validation stream (`[EOS] file [EOS] file ...`), the same bytes for every model:
+   stride max_latents for Perceiver AR, a quarter of the block for GPT, as in the CLM row. Perceiver AR's models also
+   get their context curve (`evaluate_context_curve`, `perceiver eval --context-curve`: the same bytes scored with
+   at most 64, 256, 1,024, ... bytes of context, up to the window), which should fall as the context grows. The
+   full-window number is the curve's last point where that point's stride is max_latents (the same windows as
+   `evaluate_clm`'s default), so it is computed once. `learning-long.png`: bits per byte against the window (log2
+   axis), one line per family; and the context curves.
+3. Generation at long context: a randomly initialised model of the same shape whose `max_seq_len` is
+   `generation_max_seq_len` (65,536), no training. For each context of `generation_contexts` (1k to 64k bytes), in a
+   process of its own (`python -m benchmarks.context generate SPEC`): a random prompt of that many bytes, the
+   `WindowStepper` with the cache and the chunked schedule (what `perceiver generate` runs), with
+   `generation_threads` torch threads (1, as `perceiver serve` defaults to: a step of one sequence is too small to
+   share, and on a shared 2-core machine two threads made such steps several times slower), one cache cycle of
+   warm-up, then `generation_periods` cycles timed. A cycle is max_latents // 2 + 1 tokens: max_latents // 2 cached
+   steps and one that rebuilds the cache (`windows.next_window`), so every timed span holds the same mix; at the
+   full window (64k) that rebuild is a pass over the whole window, which slides. Time per token: the cached steps
+   at their median and the rebuilds at theirs, weighted as they occur (the plain mean, which takes every preemption
+   of a shared machine in full, is in the JSON as `mean_seconds_per_token`). Memory is the process's peak
+   resident set (Linux `VmHWM`, reset by `/proc/self/clear_refs` once the model is built) above its resident set at
+   that point: what the prompt's pass, the cache and the steps added. Not `tracemalloc` (it sees Python's allocator
+   only, and torch allocates tensors with its own), nor torch's memory profiler (it counts tensors, not what the
+   process holds, and slows every operator it records); a fresh process per context, so that no context's peak
+   hides behind an earlier one's. Where the kernel has no `clear_refs`, `ru_maxrss` (never reset) stands in.
+   Targets, printed with PASS/MISS and never asserted: time per token at the largest context within 20% of the
+   smallest's; memory at most linear in the window (each step up in context at most 1.2x its growth).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+CORPUS = "code"
+FALLBACK_LATENTS = 128  # clm-small's, while it stands in for clm-long
+# The benchmark's budget stops training, not the preset's max_time, which counts validation and evaluation too.
+NO_TIME_LIMIT = "trainer.max_time=01:00:00:00"
+TIME_TARGET = 1.2  # time per token at the largest generation context over the smallest's
+MEMORY_TARGET = 1.2  # memory growth over context growth, each step up in context
+
+
+def context_preset() -> tuple[str, list[str]]:
+    """The preset of the Perceiver AR models and the overrides that make it a long-context one: `clm-long` as it
+    is, or while it does not exist `clm-small` on the embedded "code" corpus with `FALLBACK_LATENTS` latents."""
+    from perceiver_cli.presets import presets_dir
+
+    if (presets_dir() / "clm-long.toml").is_file():
+        return "clm-long", []
+    return "clm-small", ["data.source=embedded", f"data.name={CORPUS}", f"model.max_latents={FALLBACK_LATENTS}"]
+
+
+def model_overrides(s, preset: str, base: list[str], window: int) -> list[str]:
+    """`--set` overrides of the Perceiver AR model of `window` bytes: `context_overrides`, the window, and its
+    latents (`context_latents`, or the preset's when that is None), at most the window."""
+    from perceiver_cli.config import load_run_config
+
+    latents = s.context_latents
+    if latents is None:
+        latents = load_run_config(preset, [*base, *s.context_overrides])[0].model.max_latents
+    return [*base, *s.context_overrides, f"data.max_seq_len={window}", f"model.max_latents={min(latents, window)}"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The row
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def context_row(s, out: Path, runs: Path, record) -> None:
+    from perceiver_cli.data.sources import load_text_splits
+
+    from benchmarks.learning import clm_stream, runs_json
+
+    preset, base = context_preset()
+    budget = s.context_budget_s
+    splits = load_text_splits("embedded", name=CORPUS)
+    stream, num_bytes = clm_stream(splits["validation"]["text"])
+    if num_bytes != len(stream) - 1:
+        raise RuntimeError("the utf8 tokenizer should give one token per byte of the validation stream")
+    stream = stream[: s.context_eval_bytes + 1]  # [EOS] and the bytes after it, each predicted once
+    eval_bytes = len(stream) - 1
+    train_stream = torch.tensor(clm_stream(splits["train"]["text"])[0])
+    print(f"  corpus {CORPUS!r}: {len(train_stream):,} training bytes; scoring the first {eval_bytes:,} of "
+          f"{num_bytes:,} held-out bytes; {budget:.0f} s of training per model; Perceiver AR from {preset}",
+          flush=True)
+
+    theirs = [train_gpt_block(s, block, train_stream, budget, stream, eval_bytes) for block in s.context_gpt_blocks]
+    ours = [train_window(s, preset, base, window, budget, stream, eval_bytes, runs) for window in s.context_windows]
+
+    best_ours = min(ours, key=lambda run: run.final["bits_per_byte"])
+    best_theirs = min(theirs, key=lambda run: run.final["bits_per_byte"])
+    shown = ", ".join(f"{run.window:,}: {run.final['bits_per_byte']:.3f}" for run in ours)
+    shown_gpt = ", ".join(f"{run.window:,}: {run.final['bits_per_byte']:.3f}" for run in theirs)
+    extra = {"runs": [dict(entry, window=run.window, family=run.family) for entry, run
+                      in zip(runs_json(*theirs, *ours), [*theirs, *ours], strict=True)],
+             "budget_s": budget, "corpus": CORPUS, "eval_bytes": eval_bytes, "preset": preset}
+    record("learning: long-context CLM bits per byte at equal time (best window vs best block)",
+           best_ours.final["bits_per_byte"], best_theirs.final["bits_per_byte"], "bit/B",
+           f"{budget:.0f} s each; Perceiver AR windows {shown}; GPT blocks {shown_gpt}", higher_is_better=False,
+           extra=extra)
+    for run in ours:
+        falls = curve_falls(run.final["context_curve"])
+        record(f"learning: long-context bits per byte, Perceiver AR window {run.window:,}",
+               run.final["bits_per_byte"], best_theirs.final["bits_per_byte"], "bit/B",
+               f"{run.steps} steps in {run.train_seconds:.0f} s, vs GPT block {best_theirs.window:,}; context curve "
+               f"{'falls to the window: PASS' if falls else 'does not fall at every step: MISS'}",
+               higher_is_better=False, extra={"context_curve": run.final["context_curve"]})
+    for run in theirs:
+        record(f"learning: long-context bits per byte, GPT-2 block {run.window:,} (vs the best window)",
+               best_ours.final["bits_per_byte"], run.final["bits_per_byte"], "bit/B",
+               f"{run.steps} steps in {run.train_seconds:.0f} s, vs Perceiver AR window {best_ours.window:,}",
+               higher_is_better=False)
+    print_curves(ours)
+    plot_context(out / "learning-long.png", ours, theirs,
+                 f"{eval_bytes:,} held-out bytes of the {CORPUS!r} corpus, {budget:.0f} s of training each")
+    generation_rows(s, preset, base, record)
+
+
+def train_window(s, preset: str, base: list[str], window: int, budget: float, stream: list[int], eval_bytes: int,
+                 runs: Path):
+    """Perceiver AR with a `window`-byte window, trained for `budget` seconds as `perceiver train` trains, scored
+    with its context curve."""
+    from perceiver_cli.training.build import build_datamodule
+
+    from benchmarks.learning import Schedule, evenly, load_preset, seconds_per_step, train_ours
+
+    overrides = [*model_overrides(s, preset, base, window), NO_TIME_LIMIT]
+    probe, _ = load_preset(preset, overrides + [f"trainer.max_steps={3 + s.calibration_steps}",
+                                                "output.name=calibration"], runs)
+    datamodule = build_datamodule(probe)
+    datamodule.prepare_data()
+    calibration = train_ours(probe, "calibration", datamodule, Schedule([]), lambda model: {}, "calibration")
+    steps = max(2, int(budget / seconds_per_step(calibration)))
+    warmup = min(probe.scheduler.warmup_steps, steps // 4)  # as train_gpt caps the GPT's
+    cfg, name = load_preset(preset, overrides + [f"trainer.max_steps={steps}", f"scheduler.warmup_steps={warmup}"],
+                            runs)
+    score = window_scorer(stream, eval_bytes, s.eval_batch_tokens, curve=True)
+    run = train_ours(cfg, f"{name}-{window}", datamodule,
+                     Schedule(evenly(steps, s.context_evaluations), budget_s=budget), score,
+                     f"Perceiver AR ({name}), window {window:,}")
+    run.window, run.family = window, "Perceiver AR"
+    print(f"  {run.label}: {run.parameters:,} parameters, {cfg.model.max_latents} latents, {run.steps} of {steps} "
+          f"steps in {run.train_seconds:.0f} s", flush=True)
+    return run
+
+
+def train_gpt_block(s, block: int, train_stream: torch.Tensor, budget: float, stream: list[int], eval_bytes: int):
+    """The nanoGPT recipe with `block`, trained for `budget` seconds on random windows of `train_stream`."""
+    from benchmarks.learning import Schedule, evenly, seconds_per_step, train_gpt
+
+    recipe = replace(s.gpt, block=block)
+    calibration = train_gpt(recipe, train_stream, Schedule([]), lambda model: {}, steps=3 + s.calibration_steps)
+    steps = max(2, int(budget / seconds_per_step(calibration)))
+    run = train_gpt(recipe, train_stream, Schedule(evenly(steps, s.context_evaluations), budget_s=budget),
+                    window_scorer(stream, eval_bytes, s.eval_batch_tokens, curve=False), steps=steps)
+    run.window, run.family = block, "GPT-2"
+    print(f"  {run.label}: {run.parameters:,} parameters, {run.steps} of {steps} steps in {run.train_seconds:.0f} s",
+          flush=True)
+    return run
+
+
+def window_scorer(stream: list[int], num_bytes: int, batch_tokens: int, curve: bool):
+    """Bits per byte of `stream` at the model's full window (`evaluate_clm`), with `curve` also its context curve
+    (`evaluate_context_curve`), whose last point is the full-window score where its stride is the model's own."""
+    from perceiver_cli.evaluation import evaluate_clm, evaluate_context_curve
+
+    def score(model) -> dict:
+        batch_size = max(1, batch_tokens // model.max_seq_len)
+        points = evaluate_context_curve(model, stream, num_bytes, batch_size) if curve else []
+        if points and points[-1]["stride"] == model.max_latents:
+            full = {"bits_per_byte": points[-1]["bits_per_byte"], "tokens": points[-1]["tokens"],
+                    "stride": points[-1]["stride"]}
+        else:
+            full = evaluate_clm(model, stream, num_bytes, batch_size)
+        result = {"bits_per_byte": full["bits_per_byte"], "scored_tokens": full["tokens"], "bytes": num_bytes,
+                  "window": model.max_seq_len, "stride": full["stride"]}
+        return result | ({"context_curve": points} if curve else {})
+
+    return score
+
+
+def curve_falls(points: list[dict]) -> bool:
+    """Whether bits per byte fall at every step up in context, to the window."""
+    values = [point["bits_per_byte"] for point in points]
+    return all(later < earlier for earlier, later in zip(values, values[1:]))
+
+
+def print_curves(runs) -> None:
+    for run in runs:
+        points = run.final["context_curve"]
+        shown = ", ".join(f"{p['context']:,}: {p['bits_per_byte']:.3f}" for p in points)
+        verdict = "PASS" if curve_falls(points) else "MISS"
+        print(f"  context curve, window {run.window:,} (bits per byte by context): {shown}; falls: {verdict}",
+              flush=True)
+
+
+def plot_context(path: Path, ours, theirs, title: str) -> None:
+    import matplotlib
+    import matplotlib.ticker
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (window_ax, curve_ax) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for runs, style in ((ours, "o-"), (theirs, "s--")):
+        if runs:
+            low, high = (f"{count / 1e6:.3g}M" for count in (min(r.parameters for r in runs),
+                                                             max(r.parameters for r in runs)))
+            parameters = low if low == high else f"{low}-{high}"  # a longer window has more position embeddings
+            window_ax.plot([run.window for run in runs], [run.final["bits_per_byte"] for run in runs], style,
+                           label=f"{runs[0].family} ({parameters} parameters)")
+    window_ax.set(xlabel="window / block (bytes)", ylabel="held-out bits per byte",
+                  title="each model at its full window")
+    for run in ours:
+        points = run.final["context_curve"]
+        curve_ax.plot([p["context"] for p in points], [p["bits_per_byte"] for p in points], "o-",
+                      label=f"window {run.window:,}")
+    curve_ax.set(xlabel="evaluation context (bytes)", ylabel="held-out bits per byte",
+                 title="Perceiver AR: context curves")
+    window_ticks = sorted({run.window for run in [*ours, *theirs]})
+    curve_ticks = sorted({p["context"] for run in ours for p in run.final["context_curve"]})
+    for ax, ticks in ((window_ax, window_ticks), (curve_ax, curve_ticks)):
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(ticks, [f"{v:,}" for v in ticks], minor=False)
+        ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+        ax.grid(alpha=0.3, which="both")
+        ax.legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Generation at long context
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def generation_rows(s, preset: str, base: list[str], record) -> list[dict]:
+    """Time per token and peak memory of cached generation at each context of `generation_contexts`, each in a
+    process of its own, and the two targets."""
+    overrides = model_overrides(s, preset, base, s.generation_max_seq_len)
+    results = []
+    for context in s.generation_contexts:
+        spec = {"preset": preset, "overrides": overrides, "context": context, "periods": s.generation_periods,
+                "threads": s.generation_threads}
+        command = [sys.executable, "-m", "benchmarks.context", "generate", json.dumps(spec)]
+        done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, check=False)
+        if done.returncode != 0:
+            raise RuntimeError(f"generation at a {context}-byte context failed:\n{done.stderr}")
+        result = json.loads(done.stdout.strip().splitlines()[-1])
+        results.append(result)
+        print(f"    {context:,}-byte context: {1000 * result['seconds_per_token']:.2f} ms per token (cached step "
+              f"{1000 * result['step_median_s']:.2f} ms, rebuild {1000 * result['rebuild_s']:.1f} ms every "
+              f"{result['period']} tokens; plain mean {1000 * result['mean_seconds_per_token']:.2f} ms), prompt "
+              f"{result['prefill_s']:.2f} s; peak {result['peak_mib']:.0f} MiB, "
+              f"{result['above_model_mib']:.1f} above the model (cache {result['cache_mib']:.1f}; {result['memory']})",
+              flush=True)
+    first = results[0]
+    for result in results:
+        context = result["context"]
+        record(f"learning: long-context generation, {context:,}-byte context: ms per token",
+               1000 * result["seconds_per_token"], 1000 * first["seconds_per_token"], "ms",
+               f"cached, chunked, {result['threads']} thread(s); vs {first['context']:,} bytes; "
+               f"{result['period']}-token cycles, step {1000 * result['step_median_s']:.2f} ms, "
+               f"rebuild {1000 * result['rebuild_s']:.0f} ms",
+               higher_is_better=False, extra={"generation": result})
+        record(f"learning: long-context generation, {context:,}-byte context: peak memory above the model",
+               result["above_model_mib"], first["above_model_mib"] or None, "MiB",
+               f"vs {first['context']:,} bytes; peak resident set {result['peak_mib']:.0f} MiB, cache "
+               f"{result['cache_mib']:.1f} MiB", higher_is_better=False)
+    if len(results) > 1:
+        last = results[-1]
+        growth = last["seconds_per_token"] / first["seconds_per_token"]
+        verdict = "PASS" if growth <= TIME_TARGET else "MISS"
+        record(f"learning: long-context generation, time per token {last['context']:,} vs {first['context']:,} "
+               "bytes", growth, None, "x", f"target <= {TIME_TARGET:.2f}x: {verdict}", higher_is_better=False)
+        print(f"  target: time per token within {TIME_TARGET - 1:.0%} from {first['context']:,} to "
+              f"{last['context']:,} bytes of context: {growth:.2f}x, {verdict}", flush=True)
+        worst = memory_growth(results)
+        verdict = "PASS" if worst <= MEMORY_TARGET else "MISS"
+        record("learning: long-context generation, memory growth over context growth (worst step)", worst, None,
+               "x", f"target <= {MEMORY_TARGET:.2f}x (at most linear in the window): {verdict}",
+               higher_is_better=False)
+        print(f"  target: memory linear in the window: the worst step up in context grows memory {worst:.2f}x the "
+              f"context's growth (target <= {MEMORY_TARGET:.2f}x), {verdict}", flush=True)
+    return results
+
+
+def memory_growth(results: list[dict]) -> float:
+    """The largest ratio, over consecutive contexts, of the memory's growth (above the model) to the context's:
+    1 for memory proportional to the context, below for a fixed part, 4 for quadratic memory and 4x the context."""
+    ratios = [(b["above_model_mib"] / a["above_model_mib"]) / (b["context"] / a["context"])
+              for a, b in zip(results, results[1:]) if a["above_model_mib"] > 0]
+    return max(ratios, default=math.nan)
+
+
+# --- the measuring process -------------------------------------------------------------------------------------
+
+STATUS = Path("/proc/self/status")
+
+
+def status_bytes(key: str) -> int:
+    return int(re.search(rf"^{key}:\s+(\d+) kB", STATUS.read_text(), re.MULTILINE).group(1)) * 1024
+
+
+def reset_peak() -> bool:
+    """Reset the kernel's high-water mark of this process's resident set (VmHWM) to its current size."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def measure_generation(preset: str, overrides: list[str], context: int, periods: int, threads: int | None) -> dict:
+    """Cached generation from a random `context`-byte prompt with a random model: the prompt's pass, one cycle of
+    warm-up, `periods` cycles timed; memory above the process's resident set once the model is built. `threads`:
+    torch's intra-op threads (None: its default)."""
+    from perceiver_cli.config import load_run_config
+    from perceiver_cli.models.clm.decoding import WindowStepper
+    from perceiver_cli.models.clm.model import CausalLanguageModel
+    from perceiver_cli.models.clm.windows import latent_chunk
+
+    torch.set_flush_denormal(True)  # as `perceiver generate` runs
+    if threads is not None:
+        torch.set_num_threads(threads)
+    cfg, _ = load_run_config(preset, overrides)
+    torch.manual_seed(0)
+    model = CausalLanguageModel(cfg.backend_config(262)).eval()
+    prompt = torch.randint(6, 262, (1, context))
+    period = latent_chunk(model.config.max_latents) + 1  # one cache cycle: the rebuild and the cached steps after it
+    exact = reset_peak() and STATUS.is_file()
+    before = status_bytes("VmRSS") if exact else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    stepper = WindowStepper(model, "chunked", use_cache=True)
+    times = []
+    with torch.inference_mode():
+        start = time.perf_counter()
+        token = stepper.start(prompt).argmax(dim=-1)
+        prefill = time.perf_counter() - start
+        for _ in range((periods + 1) * period):
+            start = time.perf_counter()
+            token = stepper.step(token).argmax(dim=-1)
+            times.append(time.perf_counter() - start)
+    peak = status_bytes("VmHWM") if exact else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    group = stepper.groups[0]
+    rebuilds = [fresh for _, fresh in group.history][period:]
+    timed = times[period:]
+    cycles = [sum(timed[i * period : (i + 1) * period]) / period for i in range(periods)]
+    cached = [t for t, fresh in zip(timed, rebuilds) if not fresh]
+    rebuilt = [t for t, fresh in zip(timed, rebuilds) if fresh]
+    step_s, rebuild_s = statistics.median(cached), statistics.median(rebuilt) if rebuilt else 0.0
+    caches = [group.cache.cross_attention, *group.cache.self_attention]
+    cache_bytes = sum(t.numel() * t.element_size() for c in caches for t in (c._k, c._v) if t is not None)
+    return {
+        "context": context,
+        "max_seq_len": model.config.max_seq_len,
+        "max_latents": model.config.max_latents,
+        "period": period,
+        "timed_steps": len(timed),
+        "rebuilds": sum(rebuilds),
+        # Each kind of step at its median, in the timed mix: robust to the preemptions of a shared machine, which
+        # the plain means (below) take in full.
+        "seconds_per_token": (step_s * len(cached) + rebuild_s * len(rebuilt)) / len(timed),
+        "mean_seconds_per_token": sum(timed) / len(timed),
+        "cycle_seconds_per_token": cycles,
+        "step_median_s": step_s,
+        "rebuild_s": rebuild_s,
+        "prefill_s": prefill,
+        "window": group.window.length,
+        "peak_mib": peak / 2**20,
+        "above_model_mib": (peak - before) / 2**20,
+        "cache_mib": cache_bytes / 2**20,
+        "memory": "VmHWM after clear_refs" if exact else "ru_maxrss (not reset)",
+        "threads": torch.get_num_threads(),
+    }
+
+
+def main() -> None:
+    if len(sys.argv) != 3 or sys.argv[1] != "generate":
+        sys.exit("usage: python -m benchmarks.context generate SPEC (JSON: preset, overrides, context, periods, "
+                 "threads)")
+    spec = json.loads(sys.argv[2])
+    result = measure_generation(spec["preset"], spec["overrides"], spec["context"], spec["periods"],
+                                spec.get("threads"))
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
