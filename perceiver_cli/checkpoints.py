@@ -14,7 +14,8 @@ from typing import Any
 
 from perceiver_cli.errors import UserError
 from perceiver_cli.files import atomic_path, write_safetensors_file
-from perceiver_cli.models.saved_files import load_checkpoint_file, load_safetensors_file
+from perceiver_cli.models.loading import load_model_path
+from perceiver_cli.models.saved_files import load_checkpoint_file
 from perceiver_cli.models.saved_model import CHECKPOINT_KEY, TASK_NAMES, LoadedModel, checkpoint_metadata
 from perceiver_cli.runs import run_checkpoint
 
@@ -62,9 +63,7 @@ def load_model(path: str | Path, task: str | None = None, device: str = "cpu") -
         raise UserError(f"model not found: {path}", hint="pass a run directory, a .ckpt or .safetensors file")
     if path.is_dir():
         if (path / "config.json").is_file():
-            from perceiver_cli.models.huggingface import load_pretrained_directory
-
-            loaded = load_pretrained_directory(path)
+            loaded = load_model_path(path)
         else:
             checkpoint = run_checkpoint(path)
             if checkpoint is None:
@@ -73,10 +72,8 @@ def load_model(path: str | Path, task: str | None = None, device: str = "cpu") -
                     hint="pass a run directory written by `perceiver train`, a checkpoint file or an exported model",
                 )
             loaded = load_checkpoint_file(checkpoint)
-    elif path.suffix == ".safetensors":
-        loaded = load_safetensors_file(path)
     else:
-        loaded = load_checkpoint_file(path)
+        loaded = load_model_path(path)
 
     if task is not None and loaded.task != task:
         raise UserError(

@@ -38,6 +38,7 @@ LAYERS = {
     "models.mlm.block_routing": 1,
     "models.mlm.positions": 2,  # reads the collators' labels (data.masking.IGNORE_INDEX): a wrapper-side helper
     "models.huggingface.state_dicts": 2,
+    "models.loading": 2,  # loads exported directories too (models.huggingface)
     "training": 3,
     "training.lightning_compat": 3,  # every private Lightning and torch attribute the training uses
     "config": 3,

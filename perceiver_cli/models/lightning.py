@@ -29,7 +29,7 @@ from perceiver_cli.models.mlm.model import (
 )
 from perceiver_cli.models.mlm.positions import masked_positions
 from perceiver_cli.models.optim import build_optimizer, build_scheduler
-from perceiver_cli.models.saved_files import load_checkpoint_file, load_safetensors_file
+from perceiver_cli.models.loading import load_model_path
 from perceiver_cli.models.saved_model import CHECKPOINT_KEY, TASK_NAMES, LoadedModel, checkpoint_metadata
 
 Batch = dict[str, torch.Tensor]
@@ -328,19 +328,12 @@ def load_params(source: str, task: str) -> LoadedModel:
         from perceiver_cli.models.huggingface.hub import hub_model_directory
 
         path = hub_model_directory(source)
-    if path.is_dir():
-        if not (path / "config.json").is_file():
-            raise UserError(
-                f"model.params {source}: a directory must be an exported model (with a config.json)",
-                hint="for a run directory of `perceiver train`, pass its checkpoints/last.ckpt",
-            )
-        from perceiver_cli.models.huggingface import load_pretrained_directory
-
-        loaded = load_pretrained_directory(path)
-    elif path.suffix == ".safetensors":
-        loaded = load_safetensors_file(path)
-    else:
-        loaded = load_checkpoint_file(path)
+    if path.is_dir() and not (path / "config.json").is_file():
+        raise UserError(
+            f"model.params {source}: a directory must be an exported model (with a config.json)",
+            hint="for a run directory of `perceiver train`, pass its checkpoints/last.ckpt",
+        )
+    loaded = load_model_path(path)
     if loaded.task != task:
         raise UserError(f"model.params {source} is a {TASK_NAMES[loaded.task]}, not a {TASK_NAMES[task]}")
     return loaded
