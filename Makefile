@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 # suite on the newest versions those ranges allow, and `make lock` writes them here once they pass.
 CONSTRAINTS := constraints.txt
 LATEST ?= .venv-latest
-EXTRAS := dev,eval,cli,serve
+EXTRAS := dev,eval,cli,serve,wandb,mlflow
 
 .PHONY: venv test demo test-latest lock clean
 

@@ -25,6 +25,7 @@ import torch
 from benchmarks import learning
 from benchmarks import models as bm
 from benchmarks import serve
+from benchmarks.corpora import check_available
 
 RESULTS: list[dict] = []  # one row each: name, ours, theirs, unit, ratio, note
 
@@ -296,6 +297,8 @@ def main() -> None:
                              "learning-long (context scaling)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="PRESET:KEY=VALUE",
                         help="learning rows: override a preset value, e.g. mlm-small:trainer.max_steps=1000")
+    parser.add_argument("--corpora", nargs="+", choices=list(learning.CORPORA), default=None,
+                        help="the MLM and CLM learning rows' corpora (default: all three; benchmarks/corpora.py)")
     args = parser.parse_args()
     overrides = {"mlm-small": [], "clm-small": [], "clm-long": []}  # preset -> its --set overrides
     for override in args.overrides:
@@ -316,6 +319,8 @@ def main() -> None:
         wanted |= set(learning.ROWS)
     if "context" in wanted:  # the context-scaling benchmark is the learning-long row
         wanted.add("learning-long")
+    if wanted & {"learning-mlm", "learning-clm"}:
+        check_available(args.corpora or list(learning.settings(args.quick).corpora))
     started = time.perf_counter()
     scaling, plots = None, []
     with torch.inference_mode(False):
@@ -337,7 +342,7 @@ def main() -> None:
             print("perceiver serve: concurrent streaming clients, batched vs one request at a time", flush=True)
             serve.serve_rows(row, args.quick)
         if wanted & set(learning.ROWS):
-            plots += learning.learning_rows(wanted, args.quick, args.out, row, overrides)
+            plots += learning.learning_rows(wanted, args.quick, args.out, row, overrides, args.corpora)
     print_table()
     machine = {"processor": cpu_name(), "machine": platform.machine(), "cpus": os.cpu_count(),
                "threads": torch.get_num_threads(), "torch": torch.__version__, "quick": args.quick,

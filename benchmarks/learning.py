@@ -1,8 +1,9 @@
 """The learning benchmark: time to quality of the default presets against the baselines a user would otherwise pick.
 
-`python -m benchmarks --only learning` (or one row: `learning-mlm`, `learning-clm`, `learning-long`). Three rows, on
-the embedded corpus, with the train and validation splits the data pipeline makes and the UTF-8 byte ids of the
-`utf8` tokenizer (vocabulary 262) on both sides:
+`python -m benchmarks --only learning` (or one row: `learning-mlm`, `learning-clm`, `learning-long`). The MLM and CLM
+rows run on each of three corpora of different kinds (benchmarks/corpora.py: `--corpora prose code moby-dick`, the
+default), with the train and validation splits the data pipeline makes of each and the UTF-8 byte ids of the `utf8`
+tokenizer (vocabulary 262) on both sides:
 
 - MLM: `mlm-small`, trained by the project's own training code (the builders `perceiver train` uses, with an extra
   callback that evaluates), then transformers' `BertForMaskedLM` (4 layers, its width chosen so that its parameter
@@ -51,6 +52,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from benchmarks.corpora import CORPORA, DEFAULT_CORPORA
+
 ROWS = ("learning-mlm", "learning-clm", "learning-long")
 
 
@@ -82,7 +85,11 @@ class Settings:
     bert_layers: int = 4
     bert_heads: int = 4
     bert_widths: tuple[int, ...] = (128, 160, 192, 224, 256)  # the one nearest to ours in parameters is used
+    # BERT trains on mlm-small's batches until this many times ours' training time (None: as many steps as ours).
+    # It is 5.6 times slower per token on the CPU: the same tokens would take it 25 minutes per corpus.
+    bert_time_factor: float | None = 1.25
     gpt: GPTRecipe = field(default_factory=GPTRecipe)
+    corpora: tuple[str, ...] = DEFAULT_CORPORA  # the MLM and CLM rows run on each (benchmarks/corpora.py)
     # The long-context row (learning-long, benchmarks/context.py): every model trains for context_budget_s seconds.
     context_windows: tuple[int, ...] = (512, 2048, 8192, 32768)  # Perceiver AR's windows (data.max_seq_len), bytes
     context_latents: int | None = None  # every window's model.max_latents (at most the window); None: the preset's
@@ -110,7 +117,7 @@ def settings(quick: bool) -> Settings:
                 "model.num_self_attention_layers=1", "trainer.max_steps=6", "trainer.val_check_interval=3",
                 "trainer.limit_val_batches=2", "scheduler.warmup_steps=2", "output.sample_max_new_tokens=4"]
     return Settings(
-        evaluations=1, eval_batch_tokens=8192, mlm_overrides=tiny_mlm, clm_overrides=tiny_clm,
+        corpora=("prose",), evaluations=1, eval_batch_tokens=8192, bert_time_factor=None, mlm_overrides=tiny_mlm, clm_overrides=tiny_clm,
         fill_words=20,
         bert_layers=1, bert_widths=(32,),
         gpt=GPTRecipe(layers=1, width=32, block=32, iterations=6, warmup=2),
@@ -220,11 +227,13 @@ def evaluate_into(run: Run, clock: TrainingClock, step: int, evaluate: Callable[
 
 
 def load_preset(preset: str, overrides: list[str], runs: Path):
+    """The preset as `perceiver train` resolves it (a "bpe:N" tokenizer trained on the training split)."""
     from perceiver_cli.config import load_run_config
+    from perceiver_cli.training.build import resolve_tokenizer
 
     cfg, name = load_run_config(preset, overrides)
     cfg.output.dir = str(runs)
-    return cfg, name
+    return resolve_tokenizer(cfg), name
 
 
 def train_ours(cfg, name: str, datamodule, schedule: Schedule, evaluate: Callable[[nn.Module], dict],
@@ -367,20 +376,22 @@ def word_fill(model: nn.Module, cfg, datamodule, s: Settings) -> dict:
     return result
 
 
-def clm_stream(texts: list[str]) -> tuple[list[int], int]:
-    """The token stream `perceiver eval` scores (`[EOS] doc1 [EOS] doc2 ...`) and its bytes."""
+def clm_stream(texts: list[str], tokenizer=None) -> tuple[list[int], int]:
+    """The token stream `perceiver eval` scores (`[EOS] doc1 [EOS] doc2 ...`) and its bytes; UTF-8 byte ids unless
+    a tokenizer is given."""
     from perceiver_cli.data.tokenizer import load_tokenizer
     from perceiver_cli.evaluation import clm_token_stream
 
-    return clm_token_stream(load_tokenizer("utf8", padding_side="left"), texts)
+    return clm_token_stream(tokenizer or load_tokenizer("utf8", padding_side="left"), texts)
 
 
-def clm_scorer(texts: list[str], batch_tokens: int) -> Callable[[nn.Module], dict]:
+def clm_scorer(texts: list[str], batch_tokens: int, tokenizer=None) -> Callable[[nn.Module], dict]:
     """Bits per byte of a model over the whole stream of `texts`: every byte scored exactly once. A batch holds
-    about `batch_tokens` tokens, whatever the model's window."""
+    about `batch_tokens` tokens, whatever the model's window. With another tokenizer than UTF-8 bytes the loss of
+    the stream's tokens is divided by the same bytes, so bits per byte stay comparable."""
     from perceiver_cli.evaluation import evaluate_clm
 
-    stream, num_bytes = clm_stream(texts)
+    stream, num_bytes = clm_stream(texts, tokenizer)
 
     def score(model: nn.Module) -> dict:
         result = evaluate_clm(model, stream, num_bytes, max(1, batch_tokens // model.max_seq_len))
@@ -505,67 +516,85 @@ def train_gpt(recipe: GPTRecipe, train_stream: torch.Tensor, schedule: Schedule,
 
 
 def mlm_row(s: Settings, out: Path, runs: Path, record) -> None:
+    """mlm-small against BERT on every corpus of `s.corpora`; one plot, a panel per corpus."""
+    panels = []
+    for corpus in s.corpora:
+        print(f"  corpus {corpus}", flush=True)
+        panels.append((corpus, mlm_on(corpus, s, runs, record)))
+    plot_corpora(out / "learning-mlm.png", panels, "accuracy", "masked-byte accuracy",
+                 "masked LM: mlm-small against BERT, same tokens")
+
+
+def mlm_on(corpus: str, s: Settings, runs: Path, record) -> list[Run]:
     from perceiver_cli.training.build import build_datamodule
 
-    cfg, name = load_preset("mlm-small", s.mlm_overrides, runs)
+    cfg, name = load_preset("mlm-small", CORPORA[corpus].overrides() + s.mlm_overrides, runs)
     datamodule = build_datamodule(cfg)
     datamodule.prepare_data()
     score = mlm_scorer(cfg, datamodule, max(1, s.eval_batch_tokens // cfg.data.max_seq_len))
     total = cfg.trainer.max_steps
     ours = train_ours(cfg, name, datamodule, Schedule(evenly(total, s.evaluations)), score, name)
     bert = matched_bert(cfg, s, ours.parameters, datamodule.vocab_size)
-    theirs = train_bert(bert, cfg, datamodule, Schedule(evenly(total, s.evaluations), at_seconds=ours.train_seconds),
-                        score)
-    tokens = total * cfg.data.batch_size * cfg.data.max_seq_len
+    budget = None if s.bert_time_factor is None else s.bert_time_factor * ours.train_seconds
+    theirs = train_bert(bert, cfg, datamodule, Schedule(evenly(total, s.evaluations), at_seconds=ours.train_seconds,
+                                                        budget_s=budget), score)
+    chunk = cfg.data.batch_size * cfg.data.max_seq_len
     words = {run.label: word_fill(run.model, cfg, datamodule, s) for run in (ours, theirs)}
-    extra = {"runs": runs_json(ours, theirs), "token_budget": tokens, "word_fill": words}
+    extra = {"corpus": corpus, "runs": runs_json(ours, theirs), "word_fill": words}
     print(f"  {ours.label}: {ours.parameters:,} parameters; {theirs.label}: {theirs.parameters:,}", flush=True)
-    record("learning: MLM masked-byte accuracy, same tokens (mlm-small vs BERT)", 100 * ours.final["accuracy"],
-           100 * theirs.final["accuracy"], "%", f"{total} steps x {cfg.data.batch_size} x {cfg.data.max_seq_len}",
-           extra=extra)
-    record("learning: MLM masked-byte loss, same tokens", ours.final["loss"], theirs.final["loss"], "nats",
-           "whole validation split, fixed masks", higher_is_better=False)
-    record("learning: MLM training time, same tokens", ours.train_seconds, theirs.train_seconds, "s",
-           "evaluation excluded", higher_is_better=False)
-    record("learning: MLM words filled exactly, each masked alone", 100 * words[ours.label]["word_accuracy"],
-           100 * words[theirs.label]["word_accuracy"], "%",
-           f"{words[ours.label]['words']} validation words, the final models (what `perceiver fill-mask` shows)")
     at = theirs.at(ours.train_seconds)
-    record("learning: MLM masked-byte accuracy at equal time", 100 * ours.final["accuracy"], 100 * at["accuracy"], "%",
-           f"BERT at {at['seconds']:.0f} s (step {at['step']}), ours at its end ({ours.train_seconds:.0f} s)")
-    plot_curves(out / "learning-mlm.png", [ours, theirs], [("loss", "masked-byte loss (nats)"),
-                                                           ("accuracy", "masked-byte accuracy")],
-                f"masked LM on the embedded corpus, {tokens:,} training tokens each")
+    equal_time = f"BERT at {at['seconds']:.0f} s (step {at['step']}), ours at its end ({ours.train_seconds:.0f} s)"
+    record(f"learning ({corpus}): MLM masked-byte accuracy at equal time (mlm-small vs BERT)",
+           100 * ours.final["accuracy"], 100 * at["accuracy"], "%", equal_time, extra=extra)
+    record(f"learning ({corpus}): MLM masked-byte loss at equal time", ours.final["loss"], at["loss"], "nats",
+           "whole validation split, fixed masks", higher_is_better=False)
+    record(f"learning ({corpus}): MLM training tokens per second", ours.steps * chunk / ours.train_seconds,
+           theirs.steps * chunk / theirs.train_seconds, "tok/s",
+           f"the same batches; BERT stopped at {theirs.train_seconds:.0f} s, step {theirs.steps} of {total}")
+    record(f"learning ({corpus}): MLM words filled exactly, each masked alone",
+           100 * words[ours.label]["word_accuracy"], 100 * words[theirs.label]["word_accuracy"], "%",
+           f"{words[ours.label]['words']} validation words, the final models (what `perceiver fill-mask` shows)")
+    return [ours, theirs]
 
 
 def clm_row(s: Settings, out: Path, runs: Path, record) -> None:
+    """clm-small against the nanoGPT recipe on every corpus of `s.corpora`; one plot, a panel per corpus."""
+    panels = []
+    for corpus in s.corpora:
+        print(f"  corpus {corpus}", flush=True)
+        panels.append((corpus, clm_on(corpus, s, runs, record)))
+    plot_corpora(out / "learning-clm.png", panels, "bits_per_byte", "validation bits per byte",
+                 "causal LM: clm-small against the nanoGPT recipe")
+
+
+def clm_on(corpus: str, s: Settings, runs: Path, record) -> list[Run]:
     from perceiver_cli.data.sources import load_text_splits
     from perceiver_cli.training.build import build_datamodule
 
-    cfg, name = load_preset("clm-small", s.clm_overrides, runs)
+    cfg, name = load_preset("clm-small", CORPORA[corpus].overrides() + s.clm_overrides, runs)
     datamodule = build_datamodule(cfg)
     datamodule.prepare_data()
-    splits = load_text_splits("embedded", validation_fraction=cfg.data.validation_fraction, seed=cfg.trainer.seed)
-    score = clm_scorer(splits["validation"]["text"], s.eval_batch_tokens)
+    splits = load_text_splits(**datamodule.source_options)  # the documents the data module chunks: the same split
+    validation = splits["validation"]["text"]
     train_stream = torch.tensor(clm_stream(splits["train"]["text"])[0])
-    theirs = train_gpt(s.gpt, train_stream, Schedule(evenly(s.gpt.iterations, s.evaluations)), score,
-                       seed=cfg.trainer.seed)
+    theirs = train_gpt(s.gpt, train_stream, Schedule(evenly(s.gpt.iterations, s.evaluations)),
+                       clm_scorer(validation, s.eval_batch_tokens), seed=cfg.trainer.seed)
     total = cfg.trainer.max_steps
     ours = train_ours(cfg, name, datamodule, Schedule(evenly(total, s.evaluations), at_seconds=theirs.train_seconds),
-                         score, name)
+                      clm_scorer(validation, s.eval_batch_tokens, datamodule.tokenizer), name)
     print(f"  {ours.label}: {ours.parameters:,} parameters; {theirs.label}: {theirs.parameters:,}", flush=True)
     at = ours.at(theirs.train_seconds)
-    extra = {"runs": runs_json(ours, theirs)}
-    record("learning: CLM bits per byte at GPT's training time (clm-small vs nanoGPT recipe)", at["bits_per_byte"],
-           theirs.final["bits_per_byte"], "bit/B",
+    extra = {"corpus": corpus, "runs": runs_json(ours, theirs)}
+    record(f"learning ({corpus}): CLM bits per byte at GPT's training time (clm-small vs nanoGPT recipe)",
+           at["bits_per_byte"], theirs.final["bits_per_byte"], "bit/B",
            f"ours at {at['seconds']:.0f} s (step {at['step']}), GPT at its end ({theirs.train_seconds:.0f} s)",
            higher_is_better=False, extra=extra)
-    record("learning: CLM bits per byte at the end", ours.final["bits_per_byte"], theirs.final["bits_per_byte"],
-           "bit/B", f"{ours.steps} steps vs {theirs.steps}; whole validation split", higher_is_better=False)
-    record("learning: CLM training time", ours.train_seconds, theirs.train_seconds, "s", "evaluation excluded",
+    record(f"learning ({corpus}): CLM bits per byte at the end", ours.final["bits_per_byte"],
+           theirs.final["bits_per_byte"], "bit/B", f"{ours.steps} steps vs {theirs.steps}; whole validation split",
            higher_is_better=False)
-    plot_curves(out / "learning-clm.png", [ours, theirs], [("bits_per_byte", "validation bits per byte")],
-                "causal LM on the embedded corpus")
+    record(f"learning ({corpus}): CLM training time", ours.train_seconds, theirs.train_seconds, "s",
+           "evaluation excluded", higher_is_better=False)
+    return [ours, theirs]
 
 
 def seconds_per_step(calibration: Run) -> float:
@@ -580,20 +609,21 @@ def runs_json(*runs: Run) -> list[dict]:
              "eval_seconds": r.eval_seconds, "curve": r.curve} for r in runs]
 
 
-def plot_curves(path: Path, runs: list[Run], metrics: list[tuple[str, str]], title: str) -> None:
+def plot_corpora(path: Path, panels: list[tuple[str, list[Run]]], key: str, label: str, title: str) -> None:
+    """One panel per corpus: each run's `key` against training time."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(metrics), figsize=(6 * len(metrics), 4), squeeze=False)
-    for ax, (key, label) in zip(axes[0], metrics):
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4), squeeze=False)
+    for ax, (corpus, runs) in zip(axes[0], panels):
         for run, style in zip(runs, ("o-", "s--")):
             ax.plot([p["seconds"] for p in run.curve], [p[key] for p in run.curve], style,
-                    label=f"{run.label}, {run.parameters / 1e6:.2f}M parameters")
-        ax.set(xlabel="training time (s, evaluation excluded)", ylabel=label)
+                    label=f"{run.label}, {run.parameters / 1e6:.2f}M")
+        ax.set(title=corpus, xlabel="training time (s, evaluation excluded)", ylabel=label)
         ax.grid(alpha=0.3)
-        ax.legend()
+        ax.legend(fontsize=8)
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
@@ -601,17 +631,20 @@ def plot_curves(path: Path, runs: list[Run], metrics: list[tuple[str, str]], tit
 
 
 def learning_rows(wanted: set[str], quick: bool, out: Path, record,
-                  overrides: dict[str, list[str]] | None = None) -> list[str]:
+                  overrides: dict[str, list[str]] | None = None, corpora: list[str] | None = None) -> list[str]:
     """Run the rows of `wanted` (names of ROWS) and return the names of the plots they wrote into `out`.
     `record(name, ours, theirs, unit, note, higher_is_better=True, ratio=None, extra=None)` records one row of the
     table. `overrides`: preset name ("mlm-small", "clm-small", "clm-long") -> `--set` overrides added to its own
-    (the long row takes those of the preset it trains: clm-long's, or clm-small's while it stands in)."""
+    (the long row takes those of the preset it trains: clm-long's, or clm-small's while it stands in). `corpora`:
+    the MLM and CLM rows' corpora (None: all three, or two with `quick`)."""
     from perceiver_cli.training.run import quiet_libraries
 
     from benchmarks.context import context_preset, context_row
 
     quiet_libraries(0)  # no progress bar per tokenized split, no Lightning banners
     s = settings(quick)
+    if corpora:
+        s.corpora = tuple(corpora)
     overrides = overrides or {}
     s.mlm_overrides += overrides.get("mlm-small", [])
     s.clm_overrides += overrides.get("clm-small", [])

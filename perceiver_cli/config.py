@@ -66,7 +66,9 @@ class DataSection(Section):
     config_name: str | None = None  # hub: dataset configuration, e.g. "wikitext-103-raw-v1"
     text_column: str = "text"
     document: Literal["paragraph", "line", "file"] = "paragraph"  # files: what one document of a .txt file is
-    tokenizer: str = "utf8"  # "utf8" (UTF-8 bytes, vocab 262) or a local Hugging Face tokenizer directory
+    # "utf8" (UTF-8 bytes, vocab 262), "bpe:N" (a byte-level BPE of N tokens trained on the training split when the
+    # run starts: data/run_tokenizer.py) or a local Hugging Face tokenizer directory
+    tokenizer: str = "utf8"
     vocab_size: int | None = Field(default=None, gt=0)  # only when the tokenizer cannot be read (dry runs)
     max_seq_len: int = Field(default=512, gt=0)
     batch_size: int = Field(default=8, gt=0)
@@ -87,6 +89,17 @@ class DataSection(Section):
     shuffle_buffer: int = Field(default=10_000, gt=0)
     validation_documents: int = Field(default=1_000, gt=0)
 
+    @field_validator("tokenizer")
+    @classmethod
+    def _bpe_size(cls, value: str) -> str:
+        from perceiver_cli.data.run_tokenizer import bpe_vocab_size
+
+        try:
+            bpe_vocab_size(value)
+        except UserError as err:
+            raise ValueError(err.message) from None
+        return value
+
 
 class OptimizerSection(Section):
     name: Literal[OPTIMIZERS] = "adamw"  # type: ignore[valid-type]
@@ -104,6 +117,7 @@ class SchedulerSection(Section):
     name: Literal[SCHEDULERS] = "constant"  # type: ignore[valid-type]
     warmup_steps: int = Field(default=0, ge=0)
     min_lr_ratio: float = Field(default=0.0, ge=0.0, le=1.0)
+    decay_fraction: float = Field(default=0.2, gt=0.0, le=1.0)  # "wsd": the last steps' share, decayed linearly
 
 
 class FSDPSection(Section):
@@ -167,10 +181,20 @@ class RunConfig(Section):
     def task(self) -> str:
         return self.model.task
 
+    def source_options(self) -> dict:
+        """The arguments of `load_text_splits` for these data: the splits the data module reads."""
+        d = self.data
+        return dict(source=d.source, path=d.path, name=d.name, config=d.config_name, text_column=d.text_column,
+                    document=d.document, validation_fraction=d.validation_fraction, seed=self.trainer.seed)
+
     def vocab_size(self) -> int:
         """The vocabulary the model is built for: the tokenizer's. A declared `data.vocab_size` stands in for a
         tokenizer that is not on disk (a dry run on another machine) and must agree with one that is."""
         tokenizer = self.data.tokenizer
+        from perceiver_cli.data.run_tokenizer import bpe_vocab_size
+
+        if bpe_vocab_size(tokenizer) is not None:  # trained when the run starts: at most this many (a dry run)
+            return self.data.vocab_size or bpe_vocab_size(tokenizer)
         utf8 = tokenizer.strip().lower() in ("utf8", "utf-8")
         if not utf8 and not Path(tokenizer).expanduser().is_dir() and self.data.vocab_size is not None:
             return self.data.vocab_size

@@ -15,7 +15,7 @@ from tiny_models import tiny_clm_config, tiny_mlm_config
 
 TINY_CLM = ["--set", "model.num_channels=32", "--set", "model.num_heads=4", "--set", "model.max_latents=8",
             "--set", "model.num_self_attention_layers=1", "--set", "data.max_seq_len=32", "--set",
-            "trainer.max_steps=1", "--set", 'output.sample_prompt=""']
+            "trainer.max_steps=1", "--set", 'output.sample_prompt=""', "--set", "data.tokenizer=utf8"]
 
 PRESETS = {
     "syntax.toml": '[model]\ntask = "clm\n',

@@ -51,16 +51,16 @@ def test_quick_learning_benchmark_scores_every_validation_byte_of_both_sides(tmp
     assert result.returncode == 0, result.stderr
     rows = json.loads((tmp_path / "benchmarks.json").read_text())["rows"]
     names = [row["name"] for row in rows]
-    for prefix in ("learning: MLM masked-byte accuracy, same tokens", "learning: MLM masked-byte loss",
-                   "learning: MLM training time", "learning: MLM masked-byte accuracy at equal time",
-                   "learning: MLM words filled exactly",
-                   "learning: CLM bits per byte at GPT's training time", "learning: CLM bits per byte at the end",
-                   "learning: CLM training time", "learning: long-context CLM bits per byte at equal time"):
+    for prefix in ("learning (prose): MLM masked-byte accuracy at equal time", "learning (prose): MLM masked-byte loss",
+                   "learning (prose): MLM training tokens per second", "learning (prose): MLM words filled exactly",
+                   "learning (prose): CLM bits per byte at GPT's training time",
+                   "learning (prose): CLM bits per byte at the end", "learning (prose): CLM training time",
+                   "learning: long-context CLM bits per byte at equal time"):
         assert sum(name.startswith(prefix) for name in names) == 1, prefix
     assert all(math.isfinite(row["ours"]) and (row["theirs"] is None or math.isfinite(row["theirs"]))
                for row in rows)
 
-    curves = {row["name"].split(" ")[1]: row["runs"] for row in rows if "runs" in row}  # MLM, CLM, long-context
+    curves = {row["name"].split(": ")[1].split(" ")[0]: row["runs"] for row in rows if "runs" in row}
     assert set(curves) == {"MLM", "CLM", "long-context"}
     quick = settings(quick=True)
     for kind, runs in curves.items():
@@ -73,6 +73,10 @@ def test_quick_learning_benchmark_scores_every_validation_byte_of_both_sides(tmp
                 assert metrics and all(math.isfinite(v) for v in metrics), point
                 if kind == "long-context":  # the first bytes of the "code" corpus's validation stream, each once
                     assert point["scored_tokens"] == point["bytes"] == quick.context_eval_bytes, point
+                elif kind == "CLM":  # every byte once: GPT's bytes, or clm-small's BPE tokens of the same bytes
+                    assert point["bytes"] == validation_bytes, (kind, run["label"], point)
+                    gpt = run["label"].startswith("GPT")
+                    assert (point["scored_tokens"] == validation_bytes) == gpt, (kind, run["label"], point)
                 else:
                     assert point["scored_tokens"] == validation_bytes, (kind, run["label"], point)
 
@@ -102,7 +106,7 @@ def test_quick_learning_benchmark_scores_every_validation_byte_of_both_sides(tmp
     assert [run["steps"] for run in curves["MLM"]] == [4, 4]  # --set reached the preset, and BERT's step count
     # The two masked LMs are scored on the same masks, and fill the same number of words.
     assert len({point["masked_tokens"] for run in curves["MLM"] for point in run["curve"]}) == 1
-    words = next(row for row in rows if row["name"].startswith("learning: MLM masked-byte accuracy, same"))["word_fill"]
+    words = next(row for row in rows if row["name"].startswith("learning (prose): MLM masked-byte accuracy"))["word_fill"]
     assert len(words) == 2 and {fill["words"] for fill in words.values()} == {20}
     for plot in ("learning-mlm.png", "learning-clm.png", "learning-long.png"):
         assert (tmp_path / plot).read_bytes()[:4] == b"\x89PNG", plot

@@ -194,7 +194,7 @@ CLM_SMALL_TINY = [
     "model.num_channels=32", "model.num_heads=4", "model.max_latents=16", "model.num_self_attention_layers=1",
     "data.max_seq_len=64", "data.batch_size=4", "data.min_seq_len=8", "trainer.accelerator=cpu",
     "trainer.val_check_interval=5", "trainer.limit_val_batches=2", "trainer.log_every_n_steps=1",
-    "output.sample_max_new_tokens=8",
+    "output.sample_max_new_tokens=8", "data.tokenizer=utf8",
 ]
 MLM_SMALL_TINY = [
     # 64 bytes in blocks of 8 (the preset's block routing): 8 latents and a sink, 10-channel position codes.
@@ -492,7 +492,8 @@ def test_fsdp_shards_and_checkpoints_exactly_the_attention_layers(task):
     from perceiver_cli.training.build import build_lit_model
 
     cfg, _ = load_run_config(f"{task}-small", ["trainer.strategy=fsdp", "trainer.accelerator=gpu",
-                                               'output.sample_prompt=""', "trainer.fsdp.activation_checkpointing=true"])
+                                               'output.sample_prompt=""', "trainer.fsdp.activation_checkpointing=true",
+                                               "optimizer.name=adamw"])  # Muon needs whole matrices
     strategy = distributed.build_strategy(cfg)
     model = build_lit_model(cfg, 262)
     layers = {m for m in model.modules() if isinstance(m, (CrossAttentionLayer, SelfAttentionLayer))}
@@ -531,10 +532,11 @@ def test_c4_preset_builds_from_its_declared_vocabulary(capsys):
 
 
 def test_a_declared_vocabulary_must_match_the_tokenizer_on_disk(capsys, tmp_path):
-    code, _, err = run_cli(capsys, "train", "--preset", "clm-small", "--set", "data.vocab_size=300", "--dry-run")
+    code, _, err = run_cli(capsys, "train", "--preset", "clm-small", "--set", "data.vocab_size=300", "--set",
+                           "data.tokenizer=utf8", "--dry-run")
     assert code == 2 and "data.vocab_size = 300, but tokenizer utf8 has 262 tokens" in err
-    code, _, err = run_cli(capsys, "train", "--preset", "clm-small", "--output", str(tmp_path),
-                           "--set", "data.vocab_size=300", "--set", "trainer.max_steps=1")
+    code, _, err = run_cli(capsys, "train", "--preset", "clm-small", "--output", str(tmp_path), "--set",
+                           "data.tokenizer=utf8", "--set", "data.vocab_size=300", "--set", "trainer.max_steps=1")
     assert code == 2 and "data.vocab_size = 300" in err and not (tmp_path / "clm-small").exists()
 
 

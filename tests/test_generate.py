@@ -353,6 +353,18 @@ def test_streamed_pieces_add_up_to_the_returned_text():
     assert result.num_tokens <= 30 and result.finish_reason in ("length", "stop")
 
 
+def test_the_end_of_text_token_ends_a_sequence_unless_told_to_go_on():
+    model = clm()
+    with torch.no_grad():
+        model.output_bias[2] = 1e4  # the utf8 tokenizer's end-of-text token wins every step
+    tokenizer = load_tokenizer("utf8")
+    [ended] = generate(model, tokenizer, prompt_of(5), GenerationSettings(max_new_tokens=10, seed=0))
+    assert ended.finish_reason == "eos" and ended.num_tokens == 1 and ended.text == ""
+    settings = GenerationSettings(max_new_tokens=10, seed=0, stop_at_eos=False)
+    [going_on] = generate(model, tokenizer, prompt_of(5), settings)
+    assert going_on.finish_reason == "length" and going_on.num_tokens == 10
+
+
 # --- the command ---------------------------------------------------------------------------------------------------
 
 

@@ -15,7 +15,7 @@ from perceiver_cli.training import loggers
 TINY = [
     "model.num_channels=32", "model.num_heads=4", "model.max_latents=8", "model.num_self_attention_layers=1",
     "data.max_seq_len=32", "data.batch_size=4", "trainer.max_steps=2", "trainer.val_check_interval=2",
-    "trainer.limit_val_batches=1", "trainer.log_every_n_steps=1", 'output.sample_prompt=""',
+    "trainer.limit_val_batches=1", "trainer.log_every_n_steps=1", 'output.sample_prompt=""', "data.tokenizer=utf8",
 ]
 
 

@@ -36,6 +36,7 @@ def train_and_score(capsys, root, name: str, window: int, latents: int) -> float
         # Small, and initialised a little wider than the preset: this size finds the copy within 400 steps.
         "model.num_channels": 64, "model.num_heads": 2, "model.num_self_attention_layers": 1,
         "model.output_norm": False, "model.init_scale": 0.05,
+        "data.tokenizer": "utf8", "optimizer.name": "adamw",  # bytes, so that the gap is a number of tokens
         "optimizer.lr": 3e-3, "scheduler.name": "constant", "scheduler.warmup_steps": 20,
         "trainer.max_steps": 400, "trainer.val_check_interval": 400, "trainer.limit_val_batches": 1,
         "output.sample_prompt": "", "output.name": name,

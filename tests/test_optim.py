@@ -181,3 +181,12 @@ def test_perceiver_train_with_muon(capsys, tmp_path):
                            "trainer.max_steps=6", options=("--resume", "auto"))
     assert code in (0, None) and "resuming from" in out, err
     assert checkpoint_step(run / "checkpoints" / "last.ckpt") == 6
+
+
+def test_warmup_stable_decay_holds_the_rate_then_decays_linearly_over_the_last_steps():
+    from perceiver_cli.models.optim import lr_factor
+
+    factors = [lr_factor(step, "wsd", 2, 10, 0.1, decay_fraction=0.4) for step in range(11)]
+    assert factors[:2] == [0.5, 1.0]  # warmup
+    assert factors[2:7] == [1.0] * 5  # stable until the last 4 steps
+    assert factors[7:] == pytest.approx([0.1 + 0.9 * left / 4 for left in (3, 2, 1, 0)])  # linear down to the floor

@@ -17,7 +17,7 @@ TINY = [
     "data.max_seq_len=32", "data.batch_size=4", "data.random_shift=true",
     "data.random_truncation=true", "data.min_seq_len=8",  # draw from the collator's generator every batch
     "trainer.max_steps=800", "trainer.val_check_interval=20", "trainer.limit_val_batches=1",
-    "trainer.deterministic=true", 'output.sample_prompt=""',
+    "trainer.deterministic=true", 'output.sample_prompt=""', "data.tokenizer=utf8",
 ]
 
 

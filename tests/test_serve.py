@@ -209,8 +209,9 @@ def test_binds_loopback_by_default_and_lists_the_model(server):
     [
         (dict(temperature=0.8, top_p=0.9, seed=3), ["--temperature", "0.8", "--top-p", "0.9", "--seed", "3"]),
         (dict(temperature=0), ["--greedy"]),
-        (dict(n=3, seed=7, extra_body={"top_k": 20, "repetition_penalty": 1.3}),
-         ["--num-return-sequences", "3", "--seed", "7", "--top-k", "20", "--repetition-penalty", "1.3"]),
+        (dict(n=3, seed=7, extra_body={"top_k": 20, "repetition_penalty": 1.3, "ignore_eos": True}),
+         ["--num-return-sequences", "3", "--seed", "7", "--top-k", "20", "--repetition-penalty", "1.3",
+          "--ignore-eos"]),
     ],
     ids=["sampling", "greedy", "n-top-k-penalty"],
 )
@@ -289,7 +290,8 @@ def test_concurrent_streams_run_together_and_each_equals_generate(server, workdi
 def test_a_slow_stream_stalls_nobody_and_a_client_that_leaves_frees_its_rows(server):
     # A client that asks for 4,000 tokens and reads nothing: the server's writes to it block, its generation goes on.
     slow = socket.create_connection((server.host, server.port))
-    body = json.dumps({"model": MODEL, "prompt": "Hello", "max_tokens": 4000, "stream": True}).encode()
+    body = json.dumps({"model": MODEL, "prompt": "Hello", "max_tokens": 4000, "stream": True,
+                       "ignore_eos": True}).encode()
     slow.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                  + f"Authorization: Bearer {KEY}\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
     deadline = time.monotonic() + 10
@@ -314,7 +316,7 @@ def test_a_slow_stream_stalls_nobody_and_a_client_that_leaves_frees_its_rows(ser
 
     # The same for a request without streaming, whose client gives up waiting for the whole answer.
     impatient = socket.create_connection((server.host, server.port))
-    body = json.dumps({"model": MODEL, "prompt": "Hello", "max_tokens": 4000}).encode()
+    body = json.dumps({"model": MODEL, "prompt": "Hello", "max_tokens": 4000, "ignore_eos": True}).encode()
     impatient.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                       + f"Authorization: Bearer {KEY}\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
     deadline = time.monotonic() + 10
@@ -398,7 +400,8 @@ def test_a_full_server_queues_then_refuses_with_clear_errors(workdir):
     try:
         process.wait_ready()
         busy = socket.create_connection((process.host, process.port))  # holds the only slot, reads nothing
-        body = json.dumps({"model": MODEL, "prompt": "Hello", "max_tokens": 100000, "stream": True}).encode()
+        body = json.dumps({"model": MODEL, "prompt": "Hello", "max_tokens": 100000, "stream": True,
+                           "ignore_eos": True}).encode()
         busy.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                      + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
         deadline = time.monotonic() + 10
@@ -508,8 +511,8 @@ def test_sigterm_stops_listening_ends_streams_cleanly_and_exits(workdir):
         results, first = {}, {"long": threading.Event(), "short": threading.Event()}
 
         def run(name, tokens):
-            results[name] = stream(process, {"model": MODEL, "prompt": "Hello", "max_tokens": tokens},
-                                   on_event=lambda _: first[name].set())
+            body = {"model": MODEL, "prompt": "Hello", "max_tokens": tokens, "ignore_eos": True}  # no early end
+            results[name] = stream(process, body, on_event=lambda _: first[name].set())
 
         threads = [threading.Thread(target=run, args=("long", 100000)), threading.Thread(target=run,
                                                                                          args=("short", 60))]

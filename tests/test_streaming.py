@@ -24,7 +24,7 @@ TINY_CLM = [
     "data.max_seq_len=32", "data.batch_size=4", "data.random_shift=true", "data.random_truncation=true",
     "data.min_seq_len=8", "trainer.val_check_interval=3", "trainer.limit_val_batches=2", "trainer.log_every_n_steps=1",
     "trainer.deterministic=true", 'output.sample_prompt=""', "data.source=files", "data.streaming=true",
-    "data.shuffle_buffer=16",
+    "data.shuffle_buffer=16", "data.tokenizer=utf8",  # a streamed corpus has no whole split to train a BPE on
 ]
 
 

@@ -146,3 +146,60 @@ def test_bad_settings_are_reported_like_train_does(capsys, tmp_path):
     code, out, err = run_cli(capsys, "tokenizer", "train", "--output", str(tmp_path / "bpe"),
                              "--set", "data.source=files")
     assert_one_error(code, err, 'data.path: source = "files" needs a path', out)
+
+
+def test_a_run_with_bpe_n_trains_its_tokenizer_on_the_training_split_and_keeps_it(capsys, tmp_path):
+    from perceiver_cli.data.cache import cache_root
+
+    corpus = write_corpus(tmp_path)
+    runs = tmp_path / "runs"
+    data = ["data.source=files", f"data.path={corpus}", "data.tokenizer=bpe:300"]
+    code, out, err = train(capsys, "clm", runs, *data)
+    assert code in (0, None), err
+    assert "tokenizer bpe:300: a byte-level BPE trained on the training split" in out
+    run = runs / "clm-small" / "version_0"
+    kept = (run / "tokenizer").resolve()
+    tokenizer = load_tokenizer(str(kept))
+    assert vocab_size(tokenizer) == 300
+    assert not any("zyzz" in token for token in tokenizer.get_vocab())  # the validation file was never read
+    english = "The miller's daughter counted 42 boats."
+    assert len(encode_text(tokenizer, english)) < 0.75 * len(english)  # merges learnt
+    # The run's config and checkpoint name the run's own copy, so clearing the cache breaks nothing.
+    assert f'tokenizer = "{kept}"' in (run / "config.toml").read_text()
+    cached = list((cache_root() / "tokenizers").glob("bpe-300-*"))
+    assert len(cached) == 1
+    import shutil
+
+    shutil.rmtree(cached[0])
+    code, out, err = run_cli(capsys, "generate", "The miller", "--model", str(run), "--max-new-tokens", "4",
+                             "--greedy", "--json")
+    assert code in (0, None), err
+    assert json.loads(out.splitlines()[-1])["prompt_tokens"] == len(encode_text(tokenizer, "The miller"))
+    code, out, err = run_cli(capsys, "eval", "--model", str(run), "--json")
+    assert code in (0, None), err
+    assert json.loads(out)["tokens"] < 0.75 * json.loads(out)["bytes"]
+
+    # The same data again: the same tokenizer (trained once more after the cache was cleared, then reused).
+    for version in (1, 2):
+        code, _, err = train(capsys, "clm", runs, *data)
+        assert code in (0, None), err
+        again = load_tokenizer(str(runs / "clm-small" / f"version_{version}" / "tokenizer"))
+        assert again.get_vocab() == tokenizer.get_vocab()
+    assert len(list((cache_root() / "tokenizers").glob("bpe-300-*"))) == 1
+
+
+@pytest.mark.parametrize(
+    "setting, fragment",
+    [("data.tokenizer=bpe:100", "bpe:N with N at least"), ("data.tokenizer=bpe:many", "bpe:N with N at least")],
+)
+def test_a_bad_bpe_spec_is_refused_before_anything_runs(setting, fragment, capsys, tmp_path):
+    code, out, err = train(capsys, "clm", tmp_path / "runs", setting)
+    assert_one_error(code, err, fragment, out)
+    assert not (tmp_path / "runs").exists()
+
+
+def test_bpe_n_on_a_streamed_corpus_says_to_train_one_first(capsys, tmp_path):
+    corpus = write_corpus(tmp_path)
+    code, out, err = train(capsys, "clm", tmp_path / "runs", "data.source=files", f"data.path={corpus}",
+                           "data.streaming=true", "data.tokenizer=bpe:300")
+    assert_one_error(code, err, "a streamed corpus", out)

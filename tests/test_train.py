@@ -16,6 +16,7 @@ TINY = {
         "model.num_channels=32", "model.num_heads=4", "model.max_latents=16", "model.num_self_attention_layers=1",
         "data.max_seq_len=64", "data.batch_size=4", "trainer.max_steps=4", "trainer.val_check_interval=2",
         "trainer.limit_val_batches=2", "trainer.log_every_n_steps=1", 'output.sample_prompt=""',
+        "data.tokenizer=utf8",  # bytes: these tests are not about the run-trained BPE of the preset
     ],
     "mlm": [
         # 64 bytes in blocks of 8 (the preset's block routing): 8 latents and a sink, 10-channel position codes.

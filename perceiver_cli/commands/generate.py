@@ -40,6 +40,9 @@ def generate(
         list[str] | None,
         typer.Option(metavar="<str>", help="End the text before this string (repeatable).", show_default=False),
     ] = None,
+    ignore_eos: Annotated[
+        bool, typer.Option("--ignore-eos", help="Go on past the end-of-text token (it ends a sequence by default).")
+    ] = False,
     num_latents: Annotated[
         int | None,
         typer.Option(help="Latent positions at the end of the prompt, 1 to max_latents (default: as many as fit)."),
@@ -76,6 +79,7 @@ def generate(
         num_return_sequences=num_return_sequences,
         seed=seed,
         stop=tuple(stop or ()),
+        stop_at_eos=not ignore_eos,
         num_latents=num_latents,
         use_cache=not no_cache,
         **({"schedule": schedule} if schedule is not None else {}),

@@ -17,7 +17,6 @@ import typer
 from perceiver_cli.errors import UserError
 
 DEFAULT_VOCAB_SIZE = 4096
-_BATCH_DOCS = 1000  # documents handed to the tokenizer trainer at a time
 _SAMPLE_DOCS = 2000  # validation documents to measure bytes per token on
 
 app = typer.Typer(help="Train a tokenizer on your corpus (for data.tokenizer).", no_args_is_help=True)
@@ -52,48 +51,26 @@ def train(
         raise UserError(f"--output {output} already exists: choose another directory or pass --force to replace it")
 
     from perceiver_cli.config import load_run_config
+    from perceiver_cli.data.run_tokenizer import text_batches, train_bpe_on_split
     from perceiver_cli.data.sources import load_text_splits
-    from perceiver_cli.data.tokenizer import encode_text, train_bpe_tokenizer
+    from perceiver_cli.data.tokenizer import encode_text
     from perceiver_cli.files import atomic_directory
 
     cfg, _ = load_run_config(preset, overrides or [])
     d = cfg.data
-    splits = load_text_splits(
-        d.source,
-        path=d.path,
-        name=d.name,
-        config=d.config_name,
-        text_column=d.text_column,
-        validation_fraction=d.validation_fraction,
-        seed=cfg.trainer.seed,
-        document=d.document,
-    )
-    train_split = splits["train"]
+    splits = load_text_splits(**cfg.source_options())
     source = {"embedded": f"embedded corpus {d.name or 'prose'}", "files": f"files {d.path}",
               "hub": f"hub {d.name} {d.config_name or ''}".rstrip()}[d.source]
-    documents = sum(1 for texts in _batches(train_split) for _ in texts)
-    if documents == 0:
-        raise UserError(f"no text to train a tokenizer on: the training split of {source} has only empty documents")
-
-    typer.echo(f"training a byte-level BPE of {vocab_size:,} tokens on {documents:,} documents (the training split "
-               f"of {source})", err=True)
-    tokenizer = train_bpe_tokenizer(_batches(train_split), vocab_size, length=documents)
+    typer.echo(f"training a byte-level BPE of {vocab_size:,} tokens on the training split of {source}", err=True)
+    tokenizer, documents = train_bpe_on_split(splits["train"], vocab_size, source)
     # Existence was checked above: --force, or an empty directory (replaced). Written whole or not at all.
     with atomic_directory(output, force=True) as staging:
         tokenizer.save_pretrained(str(staging))
 
-    sample = [text for texts in _batches(splits["validation"], limit=_SAMPLE_DOCS) for text in texts]
+    sample = [text for texts in text_batches(splits["validation"], limit=_SAMPLE_DOCS) for text in texts]
     num_bytes = sum(len(text.encode("utf-8")) for text in sample)
     num_tokens = sum(len(ids) for ids in encode_text(tokenizer, sample)) if sample else 0
     compression = f"; {num_bytes / num_tokens:.2f} bytes per token on validation text" if num_tokens else ""
     fewer = (f" (not {vocab_size:,}: no more pairs occur twice in the text)" if len(tokenizer) < vocab_size else "")
-    typer.echo(f"wrote {output}: {len(tokenizer):,} tokens{fewer}{compression}")
+    typer.echo(f"wrote {output}: {len(tokenizer):,} tokens from {documents:,} documents{fewer}{compression}")
     typer.echo(f"train with it: perceiver train --preset {preset} --set data.tokenizer={output}")
-
-
-def _batches(split, limit: int | None = None):
-    """The split's non-blank texts, in lists of up to `_BATCH_DOCS` (of its first `limit` documents)."""
-    rows = split.num_rows if limit is None else min(limit, split.num_rows)
-    for start in range(0, rows, _BATCH_DOCS):
-        texts = split[start : min(start + _BATCH_DOCS, rows)]["text"]
-        yield [text for text in texts if text and not text.isspace()]

@@ -16,7 +16,7 @@ MUON_MOMENTUM = 0.95
 # Attribute names of layers that produce the logits without being tied to the token embedding (MaskedLanguageModel's
 # `output_linear` when its queries are narrower than the embedding; transformers' `lm_head`).
 OUTPUT_LAYERS = ("output_linear", "lm_head")
-SCHEDULERS = ("constant", "cosine")
+SCHEDULERS = ("constant", "cosine", "wsd")
 
 
 class Lamb(torch.optim.Optimizer):
@@ -192,12 +192,19 @@ def fused_supported(model: nn.Module) -> bool:
     return bool(params) and all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
 
 
-def lr_factor(step: int, name: str, warmup_steps: int, total_steps: int | None, min_lr_ratio: float) -> float:
-    """Learning-rate multiplier at `step`: linear warmup, then constant or cosine decay to `min_lr_ratio`."""
+def lr_factor(step: int, name: str, warmup_steps: int, total_steps: int | None, min_lr_ratio: float,
+              decay_fraction: float = 0.2) -> float:
+    """Learning-rate multiplier at `step`: linear warmup, then constant, cosine decay to `min_lr_ratio`, or "wsd"
+    (warmup-stable-decay, as the fastest GPT training recipes: constant, then a linear decay to `min_lr_ratio` over
+    the last `decay_fraction` of the steps)."""
     if step < warmup_steps:
         return (step + 1) / warmup_steps
     if name == "constant" or not total_steps:
         return 1.0
+    if name == "wsd":
+        decay_steps = max(1, round(decay_fraction * total_steps))
+        left = min(1.0, (total_steps - step) / decay_steps)  # 1 until the decay starts, 0 at the last step
+        return min_lr_ratio + (1 - min_lr_ratio) * max(0.0, left)
     progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
     return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
@@ -208,9 +215,10 @@ def build_scheduler(
     warmup_steps: int = 0,
     total_steps: int | None = None,
     min_lr_ratio: float = 0.0,
+    decay_fraction: float = 0.2,
 ) -> torch.optim.lr_scheduler.LambdaLR:
     if name not in SCHEDULERS:
         raise ValueError(f"unknown scheduler {name!r}; choose one of {', '.join(SCHEDULERS)}")
     return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: lr_factor(step, name, warmup_steps, total_steps, min_lr_ratio)
+        optimizer, lambda step: lr_factor(step, name, warmup_steps, total_steps, min_lr_ratio, decay_fraction)
     )

@@ -209,6 +209,7 @@ def generation_request(engine: Engine, body: schemas.CompletionRequest, max_toke
         num_return_sequences=n,
         seed=body.seed,
         stop=tuple(body.stop or ()),
+        stop_at_eos=not body.ignore_eos,
         schedule=engine.schedule,
     )
     try:

@@ -4,7 +4,7 @@ and OpenAI's error body.
 Requests are validated by pydantic; every mistake becomes a 400 with OpenAI's error body
 (`{"error": {"message", "type", "param", "code"}}`), `param` naming the field. Fields of OpenAI's completions request
 that this server cannot honour (`logprobs`, `suffix`, penalties, `logit_bias`, `best_of` other than `n`) are refused
-rather than ignored; `top_k` and `repetition_penalty` are accepted as extensions (as vLLM accepts them: the openai
+rather than ignored; `top_k`, `repetition_penalty` and `ignore_eos` are accepted as extensions (as vLLM accepts them: the openai
 client sends them with `extra_body`).
 """
 
@@ -89,9 +89,10 @@ class CompletionRequest(BaseModel):
     frequency_penalty: float | None = 0.0
     presence_penalty: float | None = 0.0
     logit_bias: dict[str, float] | None = None
-    # Extensions (vLLM's names): `perceiver generate --top-k` and `--repetition-penalty`.
+    # Extensions (vLLM's names): `perceiver generate --top-k`, `--repetition-penalty` and `--ignore-eos`.
     top_k: int | None = Field(0, ge=0)
     repetition_penalty: float | None = Field(1.0, gt=0)
+    ignore_eos: bool | None = False
 
     @field_validator("stop")
     @classmethod

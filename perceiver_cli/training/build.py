@@ -27,16 +27,28 @@ from perceiver_cli.training.distributed import (
 )
 
 
+def resolve_tokenizer(cfg: RunConfig) -> RunConfig:
+    """The config with a "bpe:N" tokenizer replaced by the directory of one trained on its training split
+    (data/run_tokenizer.py); any other config as it is."""
+    from perceiver_cli.data.run_tokenizer import bpe_vocab_size, run_tokenizer
+
+    if bpe_vocab_size(cfg.data.tokenizer) is None:
+        return cfg
+    path = run_tokenizer(cfg.data.tokenizer, cfg.source_options(), streaming=cfg.data.streaming)
+    return cfg.model_copy(update={"data": cfg.data.model_copy(update={"tokenizer": str(path)})})
+
+
 def build_datamodule(cfg: RunConfig) -> TextDataModule:
     d = cfg.data
+    o = cfg.source_options()
     datamodule = TextDataModule(
         cfg.task,
-        source=d.source,
-        path=d.path,
-        name=d.name,
-        config=d.config_name,
-        text_column=d.text_column,
-        document=d.document,
+        source=o["source"],
+        path=o["path"],
+        name=o["name"],
+        config=o["config"],
+        text_column=o["text_column"],
+        document=o["document"],
         tokenizer=d.tokenizer,
         max_seq_len=d.max_seq_len,
         batch_size=d.batch_size,
@@ -48,8 +60,8 @@ def build_datamodule(cfg: RunConfig) -> TextDataModule:
         mask_prob=d.mask_prob,
         whole_word_masking=d.whole_word_masking,
         static_masking=d.static_masking,
-        validation_fraction=d.validation_fraction,
-        seed=cfg.trainer.seed,
+        validation_fraction=o["validation_fraction"],
+        seed=o["seed"],
         streaming=d.streaming,
         shuffle_buffer=d.shuffle_buffer,
         validation_documents=d.validation_documents,

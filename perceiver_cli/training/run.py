@@ -111,7 +111,8 @@ def fit(cfg: RunConfig, name: str, checkpoint: Path | None, console: Console, la
     torch.set_flush_denormal(True)
 
     from perceiver_cli.models.lightning import NonFiniteLossError
-    from perceiver_cli.training.build import build_datamodule, build_lit_model, build_trainer
+    from perceiver_cli.data.run_tokenizer import bpe_vocab_size, keep_in_run_dir
+    from perceiver_cli.training.build import build_datamodule, build_lit_model, build_trainer, resolve_tokenizer
     from perceiver_cli.training.callbacks import LastCheckpoint
     from perceiver_cli.training.distributed import CollectiveWatch
     from perceiver_cli.training.loggers import check_loggers
@@ -122,6 +123,11 @@ def fit(cfg: RunConfig, name: str, checkpoint: Path | None, console: Console, la
     trainer_section, layout_note = check_layout(cfg.trainer, launch)
     cfg = cfg.model_copy(update={"trainer": trainer_section})
     pl.seed_everything(cfg.trainer.seed, workers=True, verbose=False)
+    trained_tokenizer = bpe_vocab_size(cfg.data.tokenizer) is not None
+    if trained_tokenizer:  # trained on the training split before the data are tokenized with it (seconds; cached)
+        spec, cfg = cfg.data.tokenizer, resolve_tokenizer(cfg)
+        if launch.local_rank == 0:
+            console.print(f"tokenizer {spec}: a byte-level BPE trained on the training split", highlight=False)
     datamodule = build_datamodule(cfg)
     lit = build_lit_model(cfg, datamodule.vocab_size)
 
@@ -134,6 +140,11 @@ def fit(cfg: RunConfig, name: str, checkpoint: Path | None, console: Console, la
             datamodule.prepare_data()
 
     run_dir = run_dir_for(Path(cfg.output.dir), name, checkpoint, launch)
+    if trained_tokenizer and launch.rank == 0:  # the run's config and checkpoints name its own copy
+        kept = str(keep_in_run_dir(Path(cfg.data.tokenizer), run_dir))
+        cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"tokenizer": kept})})
+        lit.tokenizer_spec = datamodule.tokenizer_spec = kept
+        lit.run_config = cfg.model_dump(mode="json")
     if launch.rank == 0:
         write_atomically(run_dir / "config.toml", to_toml(cfg))
     params = sum(p.numel() for p in lit.model.parameters())
