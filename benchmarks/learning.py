@@ -515,14 +515,20 @@ def train_gpt(recipe: GPTRecipe, train_stream: torch.Tensor, schedule: Schedule,
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def mlm_row(s: Settings, out: Path, runs: Path, record) -> None:
-    """mlm-small against BERT on every corpus of `s.corpora`; one plot, a panel per corpus."""
+def on_every_corpus(s: Settings, out: Path, runs: Path, record, train_on, plot: tuple[str, str, str, str]) -> None:
+    """`train_on(corpus, s, runs, record)` (the two sides of a row, recorded) on every corpus of `s.corpora`; one
+    plot, a panel per corpus: `plot` is (file name, metric key, its label, title)."""
     panels = []
     for corpus in s.corpora:
         print(f"  corpus {corpus}", flush=True)
-        panels.append((corpus, mlm_on(corpus, s, runs, record)))
-    plot_corpora(out / "learning-mlm.png", panels, "accuracy", "masked-byte accuracy",
-                 "masked LM: mlm-small against BERT, same tokens")
+        panels.append((corpus, train_on(corpus, s, runs, record)))
+    name, key, label, title = plot
+    plot_corpora(out / name, panels, key, label, title)
+
+
+def mlm_row(s: Settings, out: Path, runs: Path, record) -> None:
+    on_every_corpus(s, out, runs, record, mlm_on, ("learning-mlm.png", "accuracy", "masked-byte accuracy",
+                                                   "masked LM: mlm-small against BERT on the same batches"))
 
 
 def mlm_on(corpus: str, s: Settings, runs: Path, record) -> list[Run]:
@@ -558,13 +564,8 @@ def mlm_on(corpus: str, s: Settings, runs: Path, record) -> list[Run]:
 
 
 def clm_row(s: Settings, out: Path, runs: Path, record) -> None:
-    """clm-small against the nanoGPT recipe on every corpus of `s.corpora`; one plot, a panel per corpus."""
-    panels = []
-    for corpus in s.corpora:
-        print(f"  corpus {corpus}", flush=True)
-        panels.append((corpus, clm_on(corpus, s, runs, record)))
-    plot_corpora(out / "learning-clm.png", panels, "bits_per_byte", "validation bits per byte",
-                 "causal LM: clm-small against the nanoGPT recipe")
+    on_every_corpus(s, out, runs, record, clm_on, ("learning-clm.png", "bits_per_byte", "validation bits per byte",
+                                                   "causal LM: clm-small against the nanoGPT recipe"))
 
 
 def clm_on(corpus: str, s: Settings, runs: Path, record) -> list[Run]:
