@@ -3,27 +3,32 @@
 
 1. Learning at equal training time, on the embedded long-document corpus "code" (the standard library's .py files
    whole, one document each; its validation split is held-out files). Perceiver AR at each window of
-   `Settings.context_windows` (`data.max_seq_len`; 512 to 32k bytes), trained by the project's own training code
-   (`learning.train_ours`: the builders `perceiver train` uses) from the `clm-long` preset (its latents, or
-   `context_latents`, at most the window), or while there is none from `clm-small` on the "code" corpus with 128
-   latents; then the GPT-2 nanoGPT recipe (`learning.train_gpt`) at each block of `Settings.context_gpt_blocks` (64
-   to 1,024), on random windows of the same training stream. Every model gets the same training time
-   (`context_budget_s`): a short timed run of each (2 untimed steps, `calibration_steps` timed, 1 untimed) gives its
-   seconds per step, the step count (and so the cosine schedule, whose warmup is capped at a quarter of it on both
-   sides) is the budget over that, and training stops at the first step past the budget in any case (the preset's
+   `Settings.context_windows` (`data.max_seq_len`, in tokens of the preset's tokenizer), trained by the project's
+   own training code (`learning.train_ours`: the builders `perceiver train` uses) from the `clm-long` preset (its
+   latents, or `context_latents`, at most the window; a batch of as many tokens as the preset's; its window
+   curriculum where the window is longer than the curriculum's short pieces), or while there is none from
+   `clm-small` on the "code" corpus with 128 latents; the reference, `clm-small` on the same corpus (our
+   short-window model); then the GPT-2 nanoGPT recipe (`learning.train_gpt`, bytes) at each block of
+   `Settings.context_gpt_blocks` (64 to 1,024), on random windows of the same training text. Every model gets the
+   same training time (`context_budget_s`): a short timed run of each (2 untimed steps, `calibration_steps` timed,
+   1 untimed; with the curriculum one such run per phase, weighted by its share of the steps) gives its seconds per
+   step, the step count (and so the cosine schedule, whose warmup is capped at a quarter of it on both sides) is
+   the budget over that, and training stops at the first step past the budget in any case (the preset's
    `max_time`, which counts validation too, is lifted).
 2. Held-out bits per byte of each at its full window (`evaluate_clm`, the code of `perceiver eval`) on the first
-   `context_eval_bytes` bytes of the validation stream (`[EOS] file [EOS] file ...`), the same bytes for every model:
-   stride max_latents for Perceiver AR, a quarter of the block for GPT, as in the CLM row. Perceiver AR's models also
-   get their context curve (`evaluate_context_curve`, `perceiver eval --context-curve`: the same bytes scored with
-   at most 64, 256, 1,024, ... bytes of context, up to the window), which should fall as the context grows. The
-   full-window number is the curve's last point where that point's stride is max_latents (the same windows as
-   `evaluate_clm`'s default), so it is computed once. `learning-long.png`: bits per byte against the window (log2
-   axis), one line per family; and the context curves.
+   `context_eval_bytes` bytes of the validation documents (`first_bytes`: the last one cut), the same bytes for
+   every model whatever its tokenizer (the summed loss of the tokens over the bytes): stride max_latents for
+   Perceiver AR, a quarter of the block for GPT, as in the CLM row. Perceiver AR's models also get their context
+   curve (`evaluate_context_curve`, `perceiver eval --context-curve`: the same bytes scored with at most 64, 256,
+   1,024, ... tokens of context, up to the window), which should fall as the context grows. The full-window number
+   is the curve's last point where that point's stride is max_latents (the same windows as `evaluate_clm`'s
+   default), so it is computed once. `learning-long.png`: bits per byte against the window in bytes (tokens times
+   the bytes per token of the scored text; log2 axis), one line per family and a point for the reference; and the
+   context curves.
 3. Generation at long context: a randomly initialised model of the same shape whose `max_seq_len` is
-   `generation_max_seq_len` (65,536), no training. For each context of `generation_contexts` (1k to 64k bytes), in a
-   process of its own (`python -m benchmarks.context generate SPEC`): a random prompt of that many bytes, the
-   `WindowStepper` with the cache and the chunked schedule (what `perceiver generate` runs), with
+   `generation_max_seq_len` (65,536), no training. For each context of `generation_contexts` (1k to 64k tokens), in a
+   process of its own (`python -m benchmarks.context generate SPEC`): a random prompt of that many tokens of the
+   preset's vocabulary, the `WindowStepper` with the cache and the chunked schedule (what `perceiver generate` runs), with
    `generation_threads` torch threads (1, as `perceiver serve` defaults to: a step of one sequence is too small to
    share, and on a shared 2-core machine two threads made such steps several times slower), one cache cycle of
    warm-up, then `generation_periods` cycles timed. A cycle is max_latents // 2 + 1 tokens: max_latents // 2 cached
@@ -57,6 +62,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 CORPUS = "code"
+REFERENCE_PRESET = "clm-small"  # our short-window model, trained on the same corpus for the same time
 FALLBACK_LATENTS = 128  # clm-small's, while it stands in for clm-long
 # The benchmark's budget stops training, not the preset's max_time, which counts validation and evaluation too.
 NO_TIME_LIMIT = "trainer.max_time=01:00:00:00"
@@ -75,14 +81,20 @@ def context_preset() -> tuple[str, list[str]]:
 
 
 def model_overrides(s, preset: str, base: list[str], window: int) -> list[str]:
-    """`--set` overrides of the Perceiver AR model of `window` bytes: `context_overrides`, the window, and its
-    latents (`context_latents`, or the preset's when that is None), at most the window."""
+    """`--set` overrides of the Perceiver AR model of `window` tokens: `context_overrides`, the window, its latents
+    (`context_latents`, or the preset's when that is None), at most the window, and a batch of as many tokens as the
+    preset's (at least one window); a window no longer than the preset's window curriculum's short one
+    (`data.short_seq_len`) trains without the curriculum."""
     from perceiver_cli.config import load_run_config
 
-    latents = s.context_latents
-    if latents is None:
-        latents = load_run_config(preset, [*base, *s.context_overrides])[0].model.max_latents
-    return [*base, *s.context_overrides, f"data.max_seq_len={window}", f"model.max_latents={min(latents, window)}"]
+    cfg = load_run_config(preset, [*base, *s.context_overrides])[0]
+    latents = s.context_latents if s.context_latents is not None else cfg.model.max_latents
+    batch = max(1, cfg.data.batch_size * cfg.data.max_seq_len // window)
+    overrides = [*base, *s.context_overrides, f"data.max_seq_len={window}", f"model.max_latents={min(latents, window)}",
+                 f"data.batch_size={batch}"]
+    if cfg.data.short_seq_len is not None and window <= cfg.data.short_seq_len:
+        overrides.append("data.short_fraction=0")
+    return overrides
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -91,6 +103,7 @@ def model_overrides(s, preset: str, base: list[str], window: int) -> list[str]:
 
 
 def context_row(s, out: Path, runs: Path, record) -> None:
+    from perceiver_cli.config import load_run_config
     from perceiver_cli.data.sources import load_text_splits
 
     from benchmarks.learning import clm_stream, runs_json
@@ -98,77 +111,117 @@ def context_row(s, out: Path, runs: Path, record) -> None:
     preset, base = context_preset()
     budget = s.context_budget_s
     splits = load_text_splits("embedded", name=CORPUS)
-    stream, num_bytes = clm_stream(splits["validation"]["text"])
-    if num_bytes != len(stream) - 1:
-        raise RuntimeError("the utf8 tokenizer should give one token per byte of the validation stream")
-    stream = stream[: s.context_eval_bytes + 1]  # [EOS] and the bytes after it, each predicted once
-    eval_bytes = len(stream) - 1
-    train_stream = torch.tensor(clm_stream(splits["train"]["text"])[0])
-    print(f"  corpus {CORPUS!r}: {len(train_stream):,} training bytes; scoring the first {eval_bytes:,} of "
-          f"{num_bytes:,} held-out bytes; {budget:.0f} s of training per model; Perceiver AR from {preset}",
-          flush=True)
+    texts, eval_bytes = first_bytes(splits["validation"]["text"], s.context_eval_bytes)
+    train_stream = torch.tensor(clm_stream(splits["train"]["text"])[0])  # the GPT's: UTF-8 bytes
+    print(f"  corpus {CORPUS!r}: {len(train_stream):,} training bytes; scoring the first {eval_bytes:,} held-out "
+          f"bytes; {budget:.0f} s of training per model; Perceiver AR from {preset}", flush=True)
 
-    theirs = [train_gpt_block(s, block, train_stream, budget, stream, eval_bytes) for block in s.context_gpt_blocks]
-    ours = [train_window(s, preset, base, window, budget, stream, eval_bytes, runs) for window in s.context_windows]
+    theirs = [train_gpt_block(s, block, train_stream, budget, texts) for block in s.context_gpt_blocks]
+    ours = [train_window(s, preset, model_overrides(s, preset, base, window), budget, texts, runs)
+            for window in s.context_windows]
+    reference = train_window(s, REFERENCE_PRESET, [f"data.name={CORPUS}", *s.context_reference_overrides], budget,
+                             texts, runs)
 
-    best_ours = min(ours, key=lambda run: run.final["bits_per_byte"])
     best_theirs = min(theirs, key=lambda run: run.final["bits_per_byte"])
-    shown = ", ".join(f"{run.window:,}: {run.final['bits_per_byte']:.3f}" for run in ours)
+    long_window = load_run_config(preset, base)[0].data.max_seq_len
+    main = next((run for run in ours if run.window == long_window),
+                min(ours, key=lambda run: run.final["bits_per_byte"]))
+    shown = ", ".join(f"{run.window:,} ({run.window * run.bytes_per_token / 1024:.1f} KB): "
+                      f"{run.final['bits_per_byte']:.3f}" for run in ours)
     shown_gpt = ", ".join(f"{run.window:,}: {run.final['bits_per_byte']:.3f}" for run in theirs)
-    extra = {"runs": [dict(entry, window=run.window, family=run.family) for entry, run
-                      in zip(runs_json(*theirs, *ours), [*theirs, *ours], strict=True)],
+    extra = {"runs": [dict(entry, window=run.window, family=run.family, bytes_per_token=run.bytes_per_token)
+                      for entry, run in zip(runs_json(*theirs, *ours, reference), [*theirs, *ours, reference],
+                                            strict=True)],
              "budget_s": budget, "corpus": CORPUS, "eval_bytes": eval_bytes, "preset": preset}
-    record("learning: long-context CLM bits per byte at equal time (best window vs best block)",
-           best_ours.final["bits_per_byte"], best_theirs.final["bits_per_byte"], "bit/B",
-           f"{budget:.0f} s each; Perceiver AR windows {shown}; GPT blocks {shown_gpt}", higher_is_better=False,
-           extra=extra)
+    record(f"learning: long-context CLM bits per byte at equal time ({preset}, window {main.window:,} tokens, vs the "
+           f"best GPT block)", main.final["bits_per_byte"], best_theirs.final["bits_per_byte"], "bit/B",
+           f"{budget:.0f} s each; Perceiver AR windows (tokens) {shown}; GPT blocks (bytes) {shown_gpt}",
+           higher_is_better=False, extra=extra)
+    record(f"learning: long-context CLM bits per byte at equal time ({preset} vs {REFERENCE_PRESET}, "
+           f"{reference.window:,} tokens)", main.final["bits_per_byte"], reference.final["bits_per_byte"], "bit/B",
+           f"{main.steps} vs {reference.steps} steps in {budget:.0f} s", higher_is_better=False,
+           extra={"context_curve": reference.final["context_curve"]})
     for run in ours:
         falls = curve_falls(run.final["context_curve"])
-        record(f"learning: long-context bits per byte, Perceiver AR window {run.window:,}",
+        record(f"learning: long-context bits per byte, Perceiver AR window {run.window:,} tokens",
                run.final["bits_per_byte"], best_theirs.final["bits_per_byte"], "bit/B",
                f"{run.steps} steps in {run.train_seconds:.0f} s, vs GPT block {best_theirs.window:,}; context curve "
                f"{'falls to the window: PASS' if falls else 'does not fall at every step: MISS'}",
                higher_is_better=False, extra={"context_curve": run.final["context_curve"]})
     for run in theirs:
-        record(f"learning: long-context bits per byte, GPT-2 block {run.window:,} (vs the best window)",
-               best_ours.final["bits_per_byte"], run.final["bits_per_byte"], "bit/B",
-               f"{run.steps} steps in {run.train_seconds:.0f} s, vs Perceiver AR window {best_ours.window:,}",
+        record(f"learning: long-context bits per byte, GPT-2 block {run.window:,} (vs {preset})",
+               main.final["bits_per_byte"], run.final["bits_per_byte"], "bit/B",
+               f"{run.steps} steps in {run.train_seconds:.0f} s, vs Perceiver AR window {main.window:,}",
                higher_is_better=False)
-    print_curves(ours)
-    plot_context(out / "learning-long.png", ours, theirs,
+    print_curves([*ours, reference])
+    plot_context(out / "learning-long.png", ours, theirs, reference,
                  f"{eval_bytes:,} held-out bytes of the {CORPUS!r} corpus, {budget:.0f} s of training each")
     generation_rows(s, preset, base, record)
 
 
-def train_window(s, preset: str, base: list[str], window: int, budget: float, stream: list[int], eval_bytes: int,
-                 runs: Path):
-    """Perceiver AR with a `window`-byte window, trained for `budget` seconds as `perceiver train` trains, scored
-    with its context curve."""
+def first_bytes(texts: list[str], max_bytes: int) -> tuple[list[str], int]:
+    """The first documents of `texts`, the last one cut, whose stream (`[EOS] doc [EOS] doc ...`) predicts at most
+    `max_bytes` bytes (each document's UTF-8 bytes and one per separator after it), and that count: the same bytes
+    for every model, whatever its tokenizer."""
+    kept, total = [], 0
+    for text in texts:
+        room = max_bytes - total - 1  # this document's bytes, after which its separator
+        data = text.encode("utf-8")[: max(0, room)]
+        if not data:
+            break
+        kept.append(data.decode("utf-8", errors="ignore"))
+        total += len(kept[-1].encode("utf-8")) + 1
+    return kept, total
+
+
+def model_seconds_per_step(preset: str, overrides: list[str], steps: int, runs: Path, datamodule) -> float:
+    """Seconds per training step of the preset with `overrides`, from a short timed run."""
+    from benchmarks.learning import Schedule, load_preset, seconds_per_step, train_ours
+
+    probe, _ = load_preset(preset, overrides + [f"trainer.max_steps={steps}", "output.name=calibration"], runs)
+    calibration = train_ours(probe, "calibration", datamodule, Schedule([]), lambda model: {}, "calibration")
+    return seconds_per_step(calibration)
+
+
+def train_window(s, preset: str, overrides: list[str], budget: float, texts: list[str], runs: Path):
+    """Perceiver AR from `preset` with `overrides`, trained for `budget` seconds as `perceiver train` trains, scored
+    with its context curve. With the window curriculum (`data.short_seq_len`) each phase is timed on its own, and
+    the step count is the budget over their mean weighted by `data.short_fraction`."""
     from perceiver_cli.training.build import build_datamodule
 
-    from benchmarks.learning import Schedule, evenly, load_preset, seconds_per_step, train_ours
+    from benchmarks.learning import Schedule, evenly, load_preset, train_ours
 
-    overrides = [*model_overrides(s, preset, base, window), NO_TIME_LIMIT]
-    probe, _ = load_preset(preset, overrides + [f"trainer.max_steps={3 + s.calibration_steps}",
-                                                "output.name=calibration"], runs)
+    overrides = [*overrides, NO_TIME_LIMIT]
+    probe, _ = load_preset(preset, overrides, runs)
+    window = probe.data.max_seq_len
+    short = probe.data.short_seq_len if probe.data.short_fraction > 0 else None
     datamodule = build_datamodule(probe)
     datamodule.prepare_data()
-    calibration = train_ours(probe, "calibration", datamodule, Schedule([]), lambda model: {}, "calibration")
-    steps = max(2, int(budget / seconds_per_step(calibration)))
+    calibration = 3 + s.calibration_steps
+    long_step = model_seconds_per_step(preset, overrides + ["data.short_fraction=0"], calibration, runs, datamodule)
+    step_seconds, fraction = long_step, 0.0
+    if short is not None:
+        fraction = probe.data.short_fraction
+        short_step = model_seconds_per_step(preset, overrides + ["data.short_fraction=1"], calibration, runs,
+                                            datamodule)
+        step_seconds = fraction * short_step + (1 - fraction) * long_step
+    steps = max(2, int(budget / step_seconds))
     warmup = min(probe.scheduler.warmup_steps, steps // 4)  # as train_gpt caps the GPT's
     cfg, name = load_preset(preset, overrides + [f"trainer.max_steps={steps}", f"scheduler.warmup_steps={warmup}"],
                             runs)
-    score = window_scorer(stream, eval_bytes, s.eval_batch_tokens, curve=True)
+    score = window_scorer(texts, s.eval_batch_tokens, curve=True, tokenizer=datamodule.tokenizer)
     run = train_ours(cfg, f"{name}-{window}", datamodule,
                      Schedule(evenly(steps, s.context_evaluations), budget_s=budget), score,
                      f"Perceiver AR ({name}), window {window:,}")
-    run.window, run.family = window, "Perceiver AR"
+    run.window, run.family, run.preset = window, "Perceiver AR", name
+    run.bytes_per_token = score.bytes_per_token
+    curriculum = f", the first {fraction:.0%} on pieces of {short}" if short else ""
     print(f"  {run.label}: {run.parameters:,} parameters, {cfg.model.max_latents} latents, {run.steps} of {steps} "
-          f"steps in {run.train_seconds:.0f} s", flush=True)
+          f"steps in {run.train_seconds:.0f} s{curriculum}; {score.bytes_per_token:.2f} bytes per token", flush=True)
     return run
 
 
-def train_gpt_block(s, block: int, train_stream: torch.Tensor, budget: float, stream: list[int], eval_bytes: int):
+def train_gpt_block(s, block: int, train_stream: torch.Tensor, budget: float, texts: list[str]):
     """The nanoGPT recipe with `block`, trained for `budget` seconds on random windows of `train_stream`."""
     from benchmarks.learning import Schedule, evenly, seconds_per_step, train_gpt
 
@@ -176,17 +229,22 @@ def train_gpt_block(s, block: int, train_stream: torch.Tensor, budget: float, st
     calibration = train_gpt(recipe, train_stream, Schedule([]), lambda model: {}, steps=3 + s.calibration_steps)
     steps = max(2, int(budget / seconds_per_step(calibration)))
     run = train_gpt(recipe, train_stream, Schedule(evenly(steps, s.context_evaluations), budget_s=budget),
-                    window_scorer(stream, eval_bytes, s.eval_batch_tokens, curve=False), steps=steps)
-    run.window, run.family = block, "GPT-2"
+                    window_scorer(texts, s.eval_batch_tokens, curve=False), steps=steps)
+    run.window, run.family, run.bytes_per_token = block, "GPT-2", 1.0
     print(f"  {run.label}: {run.parameters:,} parameters, {run.steps} of {steps} steps in {run.train_seconds:.0f} s",
           flush=True)
     return run
 
 
-def window_scorer(stream: list[int], num_bytes: int, batch_tokens: int, curve: bool):
-    """Bits per byte of `stream` at the model's full window (`evaluate_clm`), with `curve` also its context curve
-    (`evaluate_context_curve`), whose last point is the full-window score where its stride is the model's own."""
+def window_scorer(texts: list[str], batch_tokens: int, curve: bool, tokenizer=None):
+    """Bits per byte of the stream of `texts` (in `tokenizer`'s tokens; UTF-8 bytes by default) at the model's full
+    window (`evaluate_clm`), with `curve` also its context curve (`evaluate_context_curve`), whose last point is the
+    full-window score where its stride is the model's own."""
     from perceiver_cli.evaluation import evaluate_clm, evaluate_context_curve
+
+    from benchmarks.learning import clm_stream
+
+    stream, num_bytes = clm_stream(texts, tokenizer)
 
     def score(model) -> dict:
         batch_size = max(1, batch_tokens // model.max_seq_len)
@@ -200,6 +258,7 @@ def window_scorer(stream: list[int], num_bytes: int, batch_tokens: int, curve: b
                   "window": model.max_seq_len, "stride": full["stride"]}
         return result | ({"context_curve": points} if curve else {})
 
+    score.bytes_per_token = num_bytes / max(1, len(stream) - 1)
     return score
 
 
@@ -218,7 +277,9 @@ def print_curves(runs) -> None:
               flush=True)
 
 
-def plot_context(path: Path, ours, theirs, title: str) -> None:
+def plot_context(path: Path, ours, theirs, reference, title: str) -> None:
+    """Bits per byte against the window in bytes (a Perceiver AR window of tokens times its bytes per token), one
+    line per family and a point for the reference; beside it the context curves, also in bytes."""
     import matplotlib
     import matplotlib.ticker
 
@@ -231,24 +292,25 @@ def plot_context(path: Path, ours, theirs, title: str) -> None:
             low, high = (f"{count / 1e6:.3g}M" for count in (min(r.parameters for r in runs),
                                                              max(r.parameters for r in runs)))
             parameters = low if low == high else f"{low}-{high}"  # a longer window has more position embeddings
-            window_ax.plot([run.window for run in runs], [run.final["bits_per_byte"] for run in runs], style,
+            window_ax.plot([run.window * run.bytes_per_token for run in runs],
+                           [run.final["bits_per_byte"] for run in runs], style,
                            label=f"{runs[0].family} ({parameters} parameters)")
-    window_ax.set(xlabel="window / block (bytes)", ylabel="held-out bits per byte",
+    window_ax.plot([reference.window * reference.bytes_per_token], [reference.final["bits_per_byte"]], "D",
+                   label=f"{reference.preset}, {reference.window:,} tokens")
+    window_ax.set(xlabel="window / block (bytes; tokens x bytes per token)", ylabel="held-out bits per byte",
                   title="each model at its full window")
-    for run in ours:
+    for run in [*ours, reference]:
         points = run.final["context_curve"]
-        curve_ax.plot([p["context"] for p in points], [p["bits_per_byte"] for p in points], "o-",
-                      label=f"window {run.window:,}")
-    curve_ax.set(xlabel="evaluation context (bytes)", ylabel="held-out bits per byte",
+        curve_ax.plot([p["context"] * run.bytes_per_token for p in points], [p["bits_per_byte"] for p in points],
+                      "o-" if run is not reference else "D:", label=f"window {run.window:,} tokens"
+                      + (" (reference)" if run is reference else ""))
+    curve_ax.set(xlabel="evaluation context (bytes; tokens x bytes per token)", ylabel="held-out bits per byte",
                  title="Perceiver AR: context curves")
-    window_ticks = sorted({run.window for run in [*ours, *theirs]})
-    curve_ticks = sorted({p["context"] for run in ours for p in run.final["context_curve"]})
-    for ax, ticks in ((window_ax, window_ticks), (curve_ax, curve_ticks)):
+    for ax in (window_ax, curve_ax):
         ax.set_xscale("log", base=2)
-        ax.set_xticks(ticks, [f"{v:,}" for v in ticks], minor=False)
-        ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+        ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:,.0f}"))
         ax.grid(alpha=0.3, which="both")
-        ax.legend()
+        ax.legend(fontsize=8)
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
@@ -271,10 +333,10 @@ def generation_rows(s, preset: str, base: list[str], record) -> list[dict]:
         command = [sys.executable, "-m", "benchmarks.context", "generate", json.dumps(spec)]
         done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, check=False)
         if done.returncode != 0:
-            raise RuntimeError(f"generation at a {context}-byte context failed:\n{done.stderr}")
+            raise RuntimeError(f"generation at a {context}-token context failed:\n{done.stderr}")
         result = json.loads(done.stdout.strip().splitlines()[-1])
         results.append(result)
-        print(f"    {context:,}-byte context: {1000 * result['seconds_per_token']:.2f} ms per token (cached step "
+        print(f"    {context:,}-token context: {1000 * result['seconds_per_token']:.2f} ms per token (cached step "
               f"{1000 * result['step_median_s']:.2f} ms, rebuild {1000 * result['rebuild_s']:.1f} ms every "
               f"{result['period']} tokens; plain mean {1000 * result['mean_seconds_per_token']:.2f} ms), prompt "
               f"{result['prefill_s']:.2f} s; peak {result['peak_mib']:.0f} MiB, "
@@ -283,24 +345,24 @@ def generation_rows(s, preset: str, base: list[str], record) -> list[dict]:
     first = results[0]
     for result in results:
         context = result["context"]
-        record(f"learning: long-context generation, {context:,}-byte context: ms per token",
+        record(f"learning: long-context generation, {context:,}-token context: ms per token",
                1000 * result["seconds_per_token"], 1000 * first["seconds_per_token"], "ms",
-               f"cached, chunked, {result['threads']} thread(s); vs {first['context']:,} bytes; "
+               f"cached, chunked, {result['threads']} thread(s); vs {first['context']:,} tokens; "
                f"{result['period']}-token cycles, step {1000 * result['step_median_s']:.2f} ms, "
                f"rebuild {1000 * result['rebuild_s']:.0f} ms",
                higher_is_better=False, extra={"generation": result})
-        record(f"learning: long-context generation, {context:,}-byte context: peak memory above the model",
+        record(f"learning: long-context generation, {context:,}-token context: peak memory above the model",
                result["above_model_mib"], first["above_model_mib"] or None, "MiB",
-               f"vs {first['context']:,} bytes; peak resident set {result['peak_mib']:.0f} MiB, cache "
+               f"vs {first['context']:,} tokens; peak resident set {result['peak_mib']:.0f} MiB, cache "
                f"{result['cache_mib']:.1f} MiB", higher_is_better=False)
     if len(results) > 1:
         last = results[-1]
         growth = last["seconds_per_token"] / first["seconds_per_token"]
         verdict = "PASS" if growth <= TIME_TARGET else "MISS"
         record(f"learning: long-context generation, time per token {last['context']:,} vs {first['context']:,} "
-               "bytes", growth, None, "x", f"target <= {TIME_TARGET:.2f}x: {verdict}", higher_is_better=False)
+               "tokens", growth, None, "x", f"target <= {TIME_TARGET:.2f}x: {verdict}", higher_is_better=False)
         print(f"  target: time per token within {TIME_TARGET - 1:.0%} from {first['context']:,} to "
-              f"{last['context']:,} bytes of context: {growth:.2f}x, {verdict}", flush=True)
+              f"{last['context']:,} tokens of context: {growth:.2f}x, {verdict}", flush=True)
         worst = memory_growth(results)
         verdict = "PASS" if worst <= MEMORY_TARGET else "MISS"
         record("learning: long-context generation, memory growth over context growth (worst step)", worst, None,
@@ -338,7 +400,7 @@ def reset_peak() -> bool:
 
 
 def measure_generation(preset: str, overrides: list[str], context: int, periods: int, threads: int | None) -> dict:
-    """Cached generation from a random `context`-byte prompt with a random model: the prompt's pass, one cycle of
+    """Cached generation from a random `context`-token prompt with a random model: the prompt's pass, one cycle of
     warm-up, `periods` cycles timed; memory above the process's resident set once the model is built. `threads`:
     torch's intra-op threads (None: its default)."""
     from perceiver_cli.config import load_run_config
@@ -351,8 +413,9 @@ def measure_generation(preset: str, overrides: list[str], context: int, periods:
         torch.set_num_threads(threads)
     cfg, _ = load_run_config(preset, overrides)
     torch.manual_seed(0)
-    model = CausalLanguageModel(cfg.backend_config(262)).eval()
-    prompt = torch.randint(6, 262, (1, context))
+    vocab_size = cfg.vocab_size()  # a "bpe:N" tokenizer's N: no tokenizer is needed for random tokens
+    model = CausalLanguageModel(cfg.backend_config(vocab_size)).eval()
+    prompt = torch.randint(6, vocab_size, (1, context))
     period = latent_chunk(model.config.max_latents) + 1  # one cache cycle: the rebuild and the cached steps after it
     exact = reset_peak() and STATUS.is_file()
     before = status_bytes("VmRSS") if exact else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

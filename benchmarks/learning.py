@@ -91,13 +91,16 @@ class Settings:
     gpt: GPTRecipe = field(default_factory=GPTRecipe)
     corpora: tuple[str, ...] = DEFAULT_CORPORA  # the MLM and CLM rows run on each (benchmarks/corpora.py)
     # The long-context row (learning-long, benchmarks/context.py): every model trains for context_budget_s seconds.
-    context_windows: tuple[int, ...] = (512, 2048, 8192, 32768)  # Perceiver AR's windows (data.max_seq_len), bytes
+    # Perceiver AR's windows (data.max_seq_len) in tokens of clm-long's tokenizer (bpe:2048, about 3.2 bytes each on
+    # the code corpus: 0.8 to 52 KB)
+    context_windows: tuple[int, ...] = (256, 1024, 4096, 16384)
     context_latents: int | None = None  # every window's model.max_latents (at most the window); None: the preset's
     context_gpt_blocks: tuple[int, ...] = (64, 256, 1024)  # the GPT recipe's blocks
     context_budget_s: float = 600.0  # training seconds per model (clm-long's training time)
     context_eval_bytes: int = 200_000  # the first bytes of the validation stream, scored for every model
     context_evaluations: int = 1  # per run, the last at its end: at 32k a context curve takes minutes
     context_overrides: list[str] = field(default_factory=list)  # --set style, on top of the preset
+    context_reference_overrides: list[str] = field(default_factory=list)  # on top of clm-small, the reference
     calibration_steps: int = 6  # timed steps (after 2 untimed, before 1 untimed) that set the long row's step counts
     generation_contexts: tuple[int, ...] = (1024, 4096, 16384, 65536)  # prompt bytes of cached generation
     generation_max_seq_len: int = 65536  # the window of the random model that generates
@@ -125,7 +128,8 @@ def settings(quick: bool) -> Settings:
         context_eval_bytes=4096,
         context_overrides=["model.num_channels=32", "model.num_self_attention_layers=1",
                            "trainer.val_check_interval=3", "trainer.limit_val_batches=2", "scheduler.warmup_steps=2",
-                           "output.sample_max_new_tokens=4"],
+                           "output.sample_max_new_tokens=4", "data.short_seq_len=32", "data.short_latents=8"],
+        context_reference_overrides=tiny_clm,
         generation_contexts=(256, 1024), generation_max_seq_len=1024, generation_periods=1,
         calibration_steps=2,
     )

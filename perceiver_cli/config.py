@@ -77,6 +77,13 @@ class DataSection(Section):
     random_shift: bool = False  # clm: vary chunk boundaries between epochs
     random_truncation: bool = False  # clm: train on random lengths, so that short prompts are in distribution
     min_seq_len: int = Field(default=16, gt=0)  # clm: the shortest random truncation
+    # clm, a window curriculum (the models/lightning.py `short_windows`): the first `short_fraction` of
+    # trainer.max_steps train on each batch's windows cut into pieces of `short_seq_len` tokens (every token kept),
+    # each predicting its last `short_latents` (unset: max_latents' share of max_seq_len); then whole windows.
+    # short_fraction = 0 turns it off.
+    short_seq_len: int | None = Field(default=None, gt=0)
+    short_latents: int | None = Field(default=None, gt=0)
+    short_fraction: float = Field(default=0.8, ge=0.0, le=1.0)
     mask_prob: float = Field(default=0.15, gt=0.0, lt=1.0)
     whole_word_masking: bool = True
     static_masking: bool = False
@@ -216,6 +223,15 @@ class RunConfig(Section):
                 hint=f"set data.vocab_size = {actual} or remove it: it only stands in for a tokenizer not on disk",
             )
 
+    def short_windows(self) -> dict | None:
+        """The window curriculum's settings for the Lightning model (`seq_len`, `latents`, `steps`), or None."""
+        d = self.data
+        if d.short_seq_len is None or d.short_fraction == 0 or self.task != "clm":
+            return None
+        latents = d.short_latents or max(1, self.model.max_latents * d.short_seq_len // d.max_seq_len)
+        return {"seq_len": d.short_seq_len, "latents": latents,
+                "steps": round(d.short_fraction * max(self.trainer.max_steps, 0))}
+
     def backend_config(self, vocab_size: int):
         """The backend model config: the [model] fields plus the linked data fields."""
         linked = {"vocab_size": vocab_size, "max_seq_len": self.data.max_seq_len}
@@ -286,7 +302,27 @@ def _check_run(cfg: RunConfig) -> list[tuple[str, str]]:
         errors.append(("trainer.val_check_interval", "a fraction of an epoch must be at most 1.0; use an int for steps"))
     if len(set(cfg.output.loggers)) < len(cfg.output.loggers):
         errors.append(("output.loggers", "names a logger more than once"))
-    return errors + _check_optimizer(cfg) + _check_fsdp(cfg) + _check_streaming(cfg)
+    return errors + _check_optimizer(cfg) + _check_fsdp(cfg) + _check_streaming(cfg) + _check_short_windows(cfg)
+
+
+def _check_short_windows(cfg: RunConfig) -> list[tuple[str, str]]:
+    d = cfg.data
+    if d.short_seq_len is None or d.short_fraction == 0:
+        if d.short_seq_len is None and d.short_latents is not None:
+            return [("data.short_latents", "applies with data.short_seq_len (the window curriculum): set both")]
+        return []
+    if cfg.task != "clm":
+        return [("data.short_seq_len", "the window curriculum is for causal LMs (task = \"clm\"): remove it")]
+    errors = []
+    if d.short_seq_len >= d.max_seq_len:
+        errors.append(("data.short_seq_len", f"must be below data.max_seq_len ({d.max_seq_len}), the long window"))
+    if d.short_latents is not None and d.short_latents > min(d.short_seq_len, cfg.model.max_latents):
+        errors.append(("data.short_latents", f"must be at most data.short_seq_len ({d.short_seq_len}) and "
+                                             f"model.max_latents ({cfg.model.max_latents})"))
+    if cfg.trainer.max_steps <= 0:
+        errors.append(("trainer.max_steps", "the window curriculum trains short windows for a share of max_steps: "
+                                            "set max_steps"))
+    return errors
 
 
 def _check_streaming(cfg: RunConfig) -> list[tuple[str, str]]:

@@ -55,7 +55,8 @@ def test_quick_learning_benchmark_scores_every_validation_byte_of_both_sides(tmp
                    "learning (prose): MLM training tokens per second", "learning (prose): MLM words filled exactly",
                    "learning (prose): CLM bits per byte at GPT's training time",
                    "learning (prose): CLM bits per byte at the end", "learning (prose): CLM training time",
-                   "learning: long-context CLM bits per byte at equal time"):
+                   "learning: long-context CLM bits per byte at equal time (clm-long, window",
+                   "learning: long-context CLM bits per byte at equal time (clm-long vs clm-small"):
         assert sum(name.startswith(prefix) for name in names) == 1, prefix
     assert all(math.isfinite(row["ours"]) and (row["theirs"] is None or math.isfinite(row["theirs"]))
                for row in rows)
@@ -64,15 +65,17 @@ def test_quick_learning_benchmark_scores_every_validation_byte_of_both_sides(tmp
     assert set(curves) == {"MLM", "CLM", "long-context"}
     quick = settings(quick=True)
     for kind, runs in curves.items():
-        sides = len(quick.context_windows) + len(quick.context_gpt_blocks) if kind == "long-context" else 2
+        # The long-context row: every window, every block and the reference (clm-small on the same corpus).
+        sides = len(quick.context_windows) + len(quick.context_gpt_blocks) + 1 if kind == "long-context" else 2
         assert len(runs) == sides and all(run["parameters"] > 0 and run["steps"] > 0 for run in runs), kind
         for run in runs:
             assert run["curve"] and run["train_seconds"] > 0, (kind, run["label"])
             for point in run["curve"]:
                 metrics = [v for k, v in point.items() if k in ("loss", "accuracy", "bits_per_byte")]
                 assert metrics and all(math.isfinite(v) for v in metrics), point
-                if kind == "long-context":  # the first bytes of the "code" corpus's validation stream, each once
-                    assert point["scored_tokens"] == point["bytes"] == quick.context_eval_bytes, point
+                if kind == "long-context":  # the first bytes of the "code" corpus's validation documents, once
+                    assert point["bytes"] == quick.context_eval_bytes, point  # GPT's bytes, or BPE tokens of them
+                    assert (point["scored_tokens"] == point["bytes"]) == run["label"].startswith("GPT"), point
                 elif kind == "CLM":  # every byte once: GPT's bytes, or clm-small's BPE tokens of the same bytes
                     assert point["bytes"] == validation_bytes, (kind, run["label"], point)
                     gpt = run["label"].startswith("GPT")
@@ -83,7 +86,8 @@ def test_quick_learning_benchmark_scores_every_validation_byte_of_both_sides(tmp
     # Long context: every window and block trained for the same budget; each Perceiver AR model's context curve runs
     # from 64 bytes to its window; generation timed and measured at each context, with its two targets.
     long_runs = curves["long-context"]
-    assert sorted(run["window"] for run in long_runs if run["family"] == "Perceiver AR") == list(quick.context_windows)
+    windows = sorted(run["window"] for run in long_runs if run["family"] == "Perceiver AR")
+    assert windows == sorted([*quick.context_windows, 64]), windows  # the reference: a window of 64 at toy size
     assert sorted(run["window"] for run in long_runs if run["family"] == "GPT-2") == list(quick.context_gpt_blocks)
     for run in long_runs:
         final = run["curve"][-1]
@@ -93,10 +97,10 @@ def test_quick_learning_benchmark_scores_every_validation_byte_of_both_sides(tmp
             assert contexts[0] == 64 and contexts[-1] == run["window"], contexts
             assert all(math.isfinite(point["bits_per_byte"]) for point in final["context_curve"])
     for window in quick.context_windows:
-        assert names.count(f"learning: long-context bits per byte, Perceiver AR window {window:,}") == 1, window
+        assert names.count(f"learning: long-context bits per byte, Perceiver AR window {window:,} tokens") == 1
     for context in quick.generation_contexts:
         for what in ("ms per token", "peak memory above the model"):
-            assert f"learning: long-context generation, {context:,}-byte context: {what}" in names, (context, what)
+            assert f"learning: long-context generation, {context:,}-token context: {what}" in names, (context, what)
     generation = [row["generation"] for row in rows if "generation" in row]
     assert [g["context"] for g in generation] == list(quick.generation_contexts)
     assert all(g["rebuilds"] == quick.generation_periods and g["timed_steps"] == g["period"] * g["rebuilds"]

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from perceiver_cli.data.masking import IGNORE_INDEX
 from perceiver_cli.errors import UserError
 from perceiver_cli.models.clm.model import CausalLanguageModel, CausalLanguageModelConfig
+from perceiver_cli.models.clm.windows import short_pieces
 from perceiver_cli.models.mlm.model import (
     MaskedLanguageModel,
     MaskedLanguageModelConfig,
@@ -139,8 +140,11 @@ class LitLanguageModel(pl.LightningModule):
         if "cuda" in states and torch.cuda.is_available() and len(states["cuda"]) == torch.cuda.device_count():
             torch.cuda.set_rng_state_all(states["cuda"])
 
+    def training_loss(self, batch: Batch) -> torch.Tensor:
+        return self.loss(batch)
+
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
-        loss = self.loss(batch)
+        loss = self.training_loss(batch)
         # The step's loss is the mean over ranks (what the gradients average): it is what gets logged, and a NaN on
         # any rank stops all of them at once; a rank stopping alone would leave the others waiting forever.
         step_loss = self.trainer.strategy.reduce(loss.detach().clone(), reduce_op="mean")  # reduces in place
@@ -271,6 +275,7 @@ class LitCausalLanguageModel(LitLanguageModel):
         params: str | None = None,
         optimizer: dict[str, Any] | None = None,
         scheduler: dict[str, Any] | None = None,
+        short_windows: dict[str, int] | None = None,
     ):
         """Perceiver AR causal language model (`CausalLanguageModelConfig`'s fields, with its defaults).
 
@@ -290,11 +295,15 @@ class LitCausalLanguageModel(LitLanguageModel):
                 Hugging Face Hub model name.
             optimizer: `perceiver train`'s optimizer settings (name, lr, ...), used unless --optimizer is given.
             scheduler: `perceiver train`'s learning-rate schedule (name, warmup_steps, ...).
+            short_windows: The window curriculum (`RunConfig.short_windows`): for the first `steps` training steps,
+                each batch's windows are cut into pieces of `seq_len` tokens, each predicting its last `latents`.
         """
         values = locals()
         super().__init__(optimizer, scheduler)
         config = CausalLanguageModelConfig(**{f.name: values[f.name] for f in fields(CausalLanguageModelConfig)})
-        self.save_hyperparameters(config.to_dict() | dict(params=params, optimizer=optimizer, scheduler=scheduler))
+        self.save_hyperparameters(config.to_dict() | dict(params=params, optimizer=optimizer, scheduler=scheduler,
+                                                          short_windows=short_windows))
+        self.short_windows = short_windows
         self.model = CausalLanguageModel(config)
         if params is not None:
             self.start_from(params)
@@ -303,15 +312,24 @@ class LitCausalLanguageModel(LitLanguageModel):
     def create(cls, config: CausalLanguageModelConfig, **kwargs: Any) -> "LitCausalLanguageModel":
         return cls(**config.to_dict(), **kwargs)
 
-    def loss(self, batch: Batch) -> torch.Tensor:
-        """Cross-entropy on the latent positions: the last max_latents positions of each (left-padded) sequence."""
+    def loss(self, batch: Batch, num_latents: int | None = None) -> torch.Tensor:
+        """Cross-entropy on the latent positions: the last `num_latents` (default max_latents) positions of each
+        (left-padded) sequence."""
         x, labels = batch["input_ids"], batch["labels"]  # (B, N) each; labels are inputs shifted left by one
         pad_mask = batch.get("pad_mask")
         if pad_mask is not None and not pad_mask.any():
             pad_mask = None  # no padding: lets attention use its fused causal kernels
-        prefix_len = max(0, x.shape[1] - self.model.max_latents)
+        prefix_len = max(0, x.shape[1] - (num_latents or self.model.max_latents))
         logits = self.run_model(x, prefix_len, pad_mask=pad_mask)  # (B, L, V)
         return self.token_mean_loss(logits.flatten(0, 1), labels[:, prefix_len:].flatten())
+
+    def training_loss(self, batch: Batch) -> torch.Tensor:
+        # The window curriculum: short windows first, where a predicted token costs less, so that the model learns
+        # the language in more steps before it learns to reach far back (as long-context LMs are trained).
+        short = self.short_windows
+        if short is not None and self.global_step < short["steps"]:
+            return self.loss(short_pieces(batch, short["seq_len"]), num_latents=short["latents"])
+        return self.loss(batch)
 
 
 def _as_dict(config: Any) -> dict[str, Any]:

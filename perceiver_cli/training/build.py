@@ -78,6 +78,7 @@ def build_lit_model(cfg: RunConfig, vocab_size: int) -> LitLanguageModel:
         cfg.backend_config(vocab_size),
         optimizer=cfg.optimizer.model_dump(mode="json"),
         scheduler=cfg.scheduler.model_dump(mode="json"),
+        **({"short_windows": cfg.short_windows()} if cfg.task == "clm" else {}),
     )
     lit.tokenizer_spec = cfg.data.tokenizer
     lit.run_config = cfg.model_dump(mode="json")

@@ -67,6 +67,9 @@ def dry_run(cfg: RunConfig, name: str, console: Console) -> None:
     console.print(f"activations (rough) {activation_bytes(cfg) / 2**30:,.2f} GiB per device")
     console.print(f"tokens per step     {tokens_per_step:,} ({d.batch_size} x {d.max_seq_len} x "
                   f"{t.accumulate_grad_batches} accumulation x {devices * t.num_nodes} devices)")
+    if (short := cfg.short_windows()) is not None:
+        console.print(f"window curriculum   steps 1-{short['steps']:,}: pieces of {short['seq_len']:,} tokens, "
+                      f"{short['latents']:,} latents each")
 
 
 def activation_bytes(cfg: RunConfig) -> int:
@@ -155,6 +158,10 @@ def fit(cfg: RunConfig, name: str, checkpoint: Path | None, console: Console, la
         console.print(f"resuming from {checkpoint}")
     if launch.local_rank == 0:
         console.print(_describe_data(cfg, datamodule), highlight=False, soft_wrap=True)
+        if (short := cfg.short_windows()) is not None:
+            console.print(f"window curriculum: steps 1-{short['steps']:,} on pieces of {short['seq_len']:,} tokens "
+                          f"({short['latents']:,} latents each), then whole {cfg.data.max_seq_len:,}-token windows",
+                          highlight=False, soft_wrap=True)
 
     trainer = build_trainer(cfg, run_dir, console, bytes_per_token(datamodule), resumed=checkpoint is not None)
     os.environ[RUN_DIR_ENV] = str(run_dir)  # the ranks Lightning starts (ddp, fsdp) inherit it

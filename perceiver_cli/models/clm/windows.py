@@ -166,3 +166,31 @@ def left_pad(pieces: list[torch.Tensor], pad_value: float = 0) -> tuple[torch.Te
         x[row, width - piece.shape[0] :] = piece
         pad_mask[row, width - piece.shape[0] :] = False
     return x, pad_mask if pad_mask.any() else None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Training windows: the window curriculum's short pieces
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def short_pieces(batch: dict[str, torch.Tensor], length: int) -> dict[str, torch.Tensor]:
+    """A causal LM batch (input_ids, labels, pad_mask (B, n)) as pieces of `length` tokens, (B * n // length,
+    length) each: the last n // length * length positions of every row, cut in order, so every piece is a stretch
+    of the text with its own labels (a row's first n % length positions are dropped). Pieces that are all padding
+    are left out. A batch no longer than `length` is returned as it is."""
+    n = batch["input_ids"].shape[1]
+    if n <= length:
+        return batch
+    keep = n // length * length
+
+    def cut(t: torch.Tensor) -> torch.Tensor:  # (B, n) -> (B * n // length, length)
+        return t[:, n - keep :].reshape(-1, length)
+
+    pieces = {key: cut(batch[key]) for key in ("input_ids", "labels")}
+    pad_mask = batch.get("pad_mask")
+    if pad_mask is not None:
+        pad_mask = cut(pad_mask)
+        real = ~pad_mask.all(dim=1)
+        pieces = {key: value[real] for key, value in pieces.items()}
+        pieces["pad_mask"] = pad_mask[real]
+    return pieces
