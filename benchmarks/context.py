@@ -6,9 +6,8 @@
    `Settings.context_windows` (`data.max_seq_len`, in tokens of the preset's tokenizer), trained by the project's
    own training code (`learning.train_ours`: the builders `perceiver train` uses) from the `clm-long` preset (its
    latents, or `context_latents`, at most the window; a batch of as many tokens as the preset's; its window
-   curriculum where the window is longer than the curriculum's short pieces), or while there is none from
-   `clm-small` on the "code" corpus with 128 latents; the reference, `clm-small` on the same corpus (our
-   short-window model); then the GPT-2 nanoGPT recipe (`learning.train_gpt`, bytes) at each block of
+   curriculum where the window is longer than the curriculum's short pieces); the reference, `clm-small` on the
+   same corpus (our short-window model); then the GPT-2 nanoGPT recipe (`learning.train_gpt`, bytes) at each block of
    `Settings.context_gpt_blocks` (64 to 1,024), on random windows of the same training text. Every model gets the
    same training time (`context_budget_s`): a short timed run of each (2 untimed steps, `calibration_steps` timed,
    1 untimed; with the curriculum one such run per phase, weighted by its share of the steps) gives its seconds per
@@ -63,7 +62,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 CORPUS = "code"
 REFERENCE_PRESET = "clm-small"  # our short-window model, trained on the same corpus for the same time
-FALLBACK_LATENTS = 128  # clm-small's, while it stands in for clm-long
+PRESET = "clm-long"
 # The benchmark's budget stops training, not the preset's max_time, which counts validation and evaluation too.
 NO_TIME_LIMIT = "trainer.max_time=01:00:00:00"
 TIME_TARGET = 1.2  # time per token at the largest generation context over the smallest's
@@ -71,13 +70,9 @@ MEMORY_TARGET = 1.2  # memory growth over context growth, each step up in contex
 
 
 def context_preset() -> tuple[str, list[str]]:
-    """The preset of the Perceiver AR models and the overrides that make it a long-context one: `clm-long` as it
-    is, or while it does not exist `clm-small` on the embedded "code" corpus with `FALLBACK_LATENTS` latents."""
-    from perceiver_cli.presets import presets_dir
-
-    if (presets_dir() / "clm-long.toml").is_file():
-        return "clm-long", []
-    return "clm-small", ["data.source=embedded", f"data.name={CORPUS}", f"model.max_latents={FALLBACK_LATENTS}"]
+    """The preset of the Perceiver AR models and the overrides on top of it (none: `clm-long` is the long-context
+    preset as it is)."""
+    return PRESET, []
 
 
 def model_overrides(s, preset: str, base: list[str], window: int) -> list[str]:

@@ -22,8 +22,8 @@ tokenizer (vocabulary 262) on both sides:
   latent count (128 of 512); GPT's is a quarter of its block (16 of 64), so every scored byte sees at least three
   quarters of the window as context on both sides.
 - Long context (`learning-long`, also `--only context`; benchmarks/context.py): on the embedded long-document
-  corpus "code" (the standard library's .py files whole), Perceiver AR at windows of 512 to 32k bytes (the
-  `clm-long` preset, or while there is none `clm-small` on that corpus) and the GPT recipe at blocks 64 to 1,024,
+  corpus "code" (the standard library's .py files whole), Perceiver AR at windows of 256 to 16k tokens (the
+  `clm-long` preset), clm-small, and the GPT recipe at blocks 64 to 1,024,
   every model given the same training time (`context_budget_s`: a short timed run of each sets its step count, so
   its cosine schedule ends at the budget, and training stops at the budget in any case); held-out bits per byte of
   each at its full window on the first `context_eval_bytes` bytes of the validation stream, Perceiver AR's context
@@ -640,7 +640,7 @@ def learning_rows(wanted: set[str], quick: bool, out: Path, record,
     """Run the rows of `wanted` (names of ROWS) and return the names of the plots they wrote into `out`.
     `record(name, ours, theirs, unit, note, higher_is_better=True, ratio=None, extra=None)` records one row of the
     table. `overrides`: preset name ("mlm-small", "clm-small", "clm-long") -> `--set` overrides added to its own
-    (the long row takes those of the preset it trains: clm-long's, or clm-small's while it stands in). `corpora`:
+    (the long row takes clm-long's). `corpora`:
     the MLM and CLM rows' corpora (None: all three, or two with `quick`)."""
     from perceiver_cli.training.run import quiet_libraries
 
