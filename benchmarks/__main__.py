@@ -293,7 +293,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("benchmark-results"))
     parser.add_argument("--only", nargs="*", choices=["mlm", "clm", "generate", "mfu", "help", "serve", "learning",
                                                        *learning.ROWS, "context"],
-                        help="parts to run (default: all but learning); learning = its three rows; context = "
+                        help="parts to run (default: all but learning); learning = its four rows; context = "
                              "learning-long (context scaling)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="PRESET:KEY=VALUE",
                         help="learning rows: override a preset value, e.g. mlm-small:trainer.max_steps=1000")

@@ -154,6 +154,76 @@ def context_row(s, out: Path, runs: Path, record) -> None:
     generation_rows(s, preset, base, record)
 
 
+def time_row(s, out: Path, runs: Path, record) -> None:
+    """`learning-long-time`: `clm-long` against `clm-small`, our short-window model, on the context row's corpus and
+    held-out bytes, each trained for every budget of `Settings.context_time_budgets_s` (a fresh run per budget, its
+    schedule fitted to it, as in the context row, whose 600-s runs are the first budget's), with
+    `context_time_evaluations` evaluations per run. Where the long window starts to win: the crossover."""
+    from perceiver_cli.config import load_run_config
+    from perceiver_cli.data.sources import load_text_splits
+
+    from benchmarks.learning import runs_json
+
+    preset, base = context_preset()
+    splits = load_text_splits("embedded", name=CORPUS)
+    texts, eval_bytes = first_bytes(splits["validation"]["text"], s.context_eval_bytes)
+    window = load_run_config(preset, base)[0].data.max_seq_len
+    minutes = ", ".join(f"{budget / 60:.3g}" for budget in s.context_time_budgets_s)
+    print(f"  corpus {CORPUS!r}: {preset} against {REFERENCE_PRESET} after {minutes} minutes of training "
+          f"({sum(s.context_time_budgets_s) / 60:.3g} minutes per model); scoring the first {eval_bytes:,} held-out "
+          "bytes", flush=True)
+    timed = replace(s, context_evaluations=s.context_time_evaluations)
+    pairs = []
+    for budget in s.context_time_budgets_s:
+        long = train_window(timed, preset, model_overrides(s, preset, base, window), budget, texts, runs)
+        short = train_window(timed, REFERENCE_PRESET, [f"data.name={CORPUS}", *s.context_reference_overrides],
+                             budget, texts, runs)
+        pairs.append((budget, long, short))
+        record(f"learning: long vs short window after {budget / 60:.3g} min: bits per byte ({preset} vs "
+               f"{REFERENCE_PRESET})",
+               long.final["bits_per_byte"], short.final["bits_per_byte"], "bit/B",
+               f"{long.steps} vs {short.steps} steps", higher_is_better=False,
+               extra={"budget_s": budget, "runs": runs_json(long, short)})
+    crossover = next((budget for budget, long, short in pairs
+                      if long.final["bits_per_byte"] < short.final["bits_per_byte"]), None)
+    longest = s.context_time_budgets_s[-1]
+    verdict = (f"{preset} first below {REFERENCE_PRESET} after {crossover / 60:.3g} minutes: PASS" if crossover
+               else f"{preset} not below {REFERENCE_PRESET} within {longest / 60:.3g} minutes: MISS")
+    print(f"  crossover: {verdict}", flush=True)
+    plot_time(out / "learning-long-time.png", pairs,
+              f"{eval_bytes:,} held-out bytes of the {CORPUS!r} corpus: {verdict.rsplit(':', 1)[0]}")
+
+
+def plot_time(path: Path, pairs, title: str) -> None:
+    """Held-out bits per byte against training minutes: each budget's final score, one line per model, and each
+    run's own evaluations (its learning curve) as thin lines."""
+    import matplotlib
+    import matplotlib.ticker
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for index, style in ((1, "o-"), (2, "D-")):
+        runs = [pair[index] for pair in pairs]
+        line = ax.plot([budget / 60 for budget, *_ in pairs], [run.final["bits_per_byte"] for run in runs], style,
+                       label=f"{runs[0].preset}, {runs[0].window:,}-token window (end of each run)")[0]
+        for run in runs:
+            ax.plot([point["seconds"] / 60 for point in run.curve], [point["bits_per_byte"] for point in run.curve],
+                    ":", color=line.get_color(), alpha=0.5)
+    ax.set(xlabel="training time (minutes)", ylabel="held-out bits per byte", xscale="log")
+    ax.set_title("dotted: each run's evaluations along its schedule (clm-long's, during its curriculum's\n"
+                 "short pieces, scored at the full window it has not trained on yet)", fontsize=9)
+    ax.set_xticks([budget / 60 for budget, *_ in pairs], [f"{budget / 60:.3g}" for budget, *_ in pairs])
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 def first_bytes(texts: list[str], max_bytes: int) -> tuple[list[str], int]:
     """The first documents of `texts`, the last one cut, whose stream (`[EOS] doc [EOS] doc ...`) predicts at most
     `max_bytes` bytes (each document's UTF-8 bytes and one per separator after it), and that count: the same bytes

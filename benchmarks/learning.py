@@ -1,6 +1,7 @@
 """The learning benchmark: time to quality of the default presets against the baselines a user would otherwise pick.
 
-`python -m benchmarks --only learning` (or one row: `learning-mlm`, `learning-clm`, `learning-long`). The MLM and CLM
+`python -m benchmarks --only learning` (or one row: `learning-mlm`, `learning-clm`, `learning-long`,
+`learning-long-time`). The MLM and CLM
 rows run on each of three corpora of different kinds (benchmarks/corpora.py: `--corpora prose code moby-dick`, the
 default), with the train and validation splits the data pipeline makes of each and the UTF-8 byte ids of the `utf8`
 tokenizer (vocabulary 262) on both sides:
@@ -28,7 +29,10 @@ tokenizer (vocabulary 262) on both sides:
   its cosine schedule ends at the budget, and training stops at the budget in any case); held-out bits per byte of
   each at its full window on the first `context_eval_bytes` bytes of the validation stream, Perceiver AR's context
   curves on the same bytes, and the time per token and peak memory of cached generation at contexts of 1k to 64k
-  bytes (a random model with a 65,536-byte window).
+  tokens (a random model with a 65,536-token window).
+- Long against short window over training time (`learning-long-time`, benchmarks/context.py): `clm-long` and
+  `clm-small` on the same corpus and bytes, after each training time of `context_time_budgets_s` (10, 30 and 60
+  minutes; a fresh run per budget): where the long window starts to win.
 
 Time is training time: wall time from the first step, less every evaluation (ours, and the preset's own validation
 with its sample, which a plain `perceiver train` run also spends). Each run is evaluated at `evaluations` points
@@ -54,7 +58,7 @@ from torch import nn
 
 from benchmarks.corpora import CORPORA, DEFAULT_CORPORA
 
-ROWS = ("learning-mlm", "learning-clm", "learning-long")
+ROWS = ("learning-mlm", "learning-clm", "learning-long", "learning-long-time")
 
 
 @dataclass
@@ -101,6 +105,10 @@ class Settings:
     context_evaluations: int = 1  # per run, the last at its end: at 32k a context curve takes minutes
     context_overrides: list[str] = field(default_factory=list)  # --set style, on top of the preset
     context_reference_overrides: list[str] = field(default_factory=list)  # on top of clm-small, the reference
+    # The long-context time row (learning-long-time): clm-long against clm-small after each of these training times,
+    # a fresh run per budget (600 s: the context row's runs), each with this many evaluations along its schedule.
+    context_time_budgets_s: tuple[float, ...] = (600.0, 1800.0, 3600.0)
+    context_time_evaluations: int = 4
     calibration_steps: int = 6  # timed steps (after 2 untimed, before 1 untimed) that set the long row's step counts
     generation_contexts: tuple[int, ...] = (1024, 4096, 16384, 65536)  # prompt bytes of cached generation
     generation_max_seq_len: int = 65536  # the window of the random model that generates
@@ -129,7 +137,7 @@ def settings(quick: bool) -> Settings:
         context_overrides=["model.num_channels=32", "model.num_self_attention_layers=1",
                            "trainer.val_check_interval=3", "trainer.limit_val_batches=2", "scheduler.warmup_steps=2",
                            "output.sample_max_new_tokens=4", "data.short_seq_len=32", "data.short_latents=8"],
-        context_reference_overrides=tiny_clm,
+        context_reference_overrides=tiny_clm, context_time_budgets_s=(1.0, 2.0), context_time_evaluations=2,
         generation_contexts=(256, 1024), generation_max_seq_len=1024, generation_periods=1,
         calibration_steps=2,
     )
@@ -644,7 +652,7 @@ def learning_rows(wanted: set[str], quick: bool, out: Path, record,
     the MLM and CLM rows' corpora (None: all three, or two with `quick`)."""
     from perceiver_cli.training.run import quiet_libraries
 
-    from benchmarks.context import context_preset, context_row
+    from benchmarks.context import context_preset, context_row, time_row
 
     quiet_libraries(0)  # no progress bar per tokenized split, no Lightning banners
     s = settings(quick)
@@ -657,7 +665,7 @@ def learning_rows(wanted: set[str], quick: bool, out: Path, record,
     plots = []
     with tempfile.TemporaryDirectory() as runs:  # the training runs' checkpoints and logs are not results
         for name, make_row in (("learning-mlm", mlm_row), ("learning-clm", clm_row),
-                               ("learning-long", context_row)):
+                               ("learning-long", context_row), ("learning-long-time", time_row)):
             if name in wanted:
                 print(f"learning benchmark: {name.removeprefix('learning-')}", flush=True)
                 make_row(s, out, Path(runs), record)

@@ -65,16 +65,26 @@ def clm_token_stream(tokenizer, texts: list[str]) -> tuple[list[int], int]:
     return stream, num_bytes
 
 
-def context_window(max_seq_len: int, max_latents: int, context: int | None = None) -> tuple[int, int]:
+def context_window(
+    max_seq_len: int, max_latents: int, context: int | None = None, stride: int | None = None
+) -> tuple[int, int]:
     """(window length, stride) that score every token with at most `context` tokens of context: windows of
     min(context, max_seq_len) tokens, each scoring its last min(max_latents, context // 4) (at least 1), so that a
     token sees between about 3/4 of the context and all of it. Without a context: the model's own window and
-    latents, the most context it reads."""
+    latents, the most context it reads. `stride` instead scores the last `stride` latents of each window (at most
+    the latents): each scored token sees at least window - stride tokens, and the latents before it, at the cost of
+    a pass per `stride` tokens (a latent early in the latents sees the prefix through one cross-attention only)."""
+    if context is not None and not 1 <= context <= max_seq_len:
+        raise UserError(f"--context must be 1 to the model's window ({max_seq_len} tokens), got {context}")
+    length = max_seq_len if context is None else min(context, max_seq_len)
+    if stride is not None:
+        most = min(max_latents, length)
+        if not 1 <= stride <= most:
+            raise UserError(f"--stride must be 1 to {most} (the model's latents, at most the window), got {stride}")
+        return length, stride
     if context is None:
         return max_seq_len, max_latents
-    if not 1 <= context <= max_seq_len:
-        raise UserError(f"--context must be 1 to the model's window ({max_seq_len} tokens), got {context}")
-    return min(context, max_seq_len), min(max_latents, max(1, context // 4))
+    return length, min(max_latents, max(1, context // 4))
 
 
 def curve_contexts(max_seq_len: int) -> list[int]:
@@ -95,12 +105,14 @@ def evaluate_clm(
     pad_token_id: int = 0,
     progress: Progress | None = None,
     context: int | None = None,
+    stride: int | None = None,
 ) -> dict:
     """Loss (nats per token), perplexity and bits per byte of `stream` (see `clm_token_stream`), every token scored
-    once by the strided window, with at most `context` tokens of context when given (see `context_window`)."""
+    once by the strided window, with at most `context` tokens of context when given, and `stride` tokens scored per
+    window when given (see `context_window`)."""
     if len(stream) < 2:
         raise UserError("there is no text to evaluate: the split has no non-empty document")
-    length, stride = context_window(model.max_seq_len, model.max_latents, context)
+    length, stride = context_window(model.max_seq_len, model.max_latents, context, stride)
     device = next(model.parameters()).device
     tokens = torch.tensor(stream, dtype=torch.long, device=device)
     # Input positions 0 .. N-2 of the stream, position i predicting token i + 1; in a window lo .. hi-1, the last k.

@@ -61,7 +61,9 @@ def test_quick_learning_benchmark_scores_every_validation_byte_of_both_sides(tmp
     assert all(math.isfinite(row["ours"]) and (row["theirs"] is None or math.isfinite(row["theirs"]))
                for row in rows)
 
-    curves = {row["name"].split(": ")[1].split(" ")[0]: row["runs"] for row in rows if "runs" in row}
+    time_rows = [row for row in rows if row["name"].startswith("learning: long vs short window after")]
+    curves = {row["name"].split(": ")[1].split(" ")[0]: row["runs"] for row in rows
+              if "runs" in row and row not in time_rows}
     assert set(curves) == {"MLM", "CLM", "long-context"}
     quick = settings(quick=True)
     for kind, runs in curves.items():
@@ -107,10 +109,20 @@ def test_quick_learning_benchmark_scores_every_validation_byte_of_both_sides(tmp
                and g["seconds_per_token"] > 0 and g["peak_mib"] > 0 for g in generation), generation
     assert any(name.startswith("learning: long-context generation, time per token") for name in names)
     assert any(name.startswith("learning: long-context generation, memory growth") for name in names)
+    # The time row: clm-long against clm-small, a fresh pair per training budget, each run evaluated along its
+    # schedule; the row's numbers are the runs' last evaluations.
+    assert [row["budget_s"] for row in time_rows] == list(quick.context_time_budgets_s)
+    for row in time_rows:
+        long, short = row["runs"]
+        assert "(clm-long)" in long["label"] and "(clm-small)" in short["label"], row["runs"]
+        assert (row["ours"], row["theirs"]) == (long["curve"][-1]["bits_per_byte"], short["curve"][-1]["bits_per_byte"])
+        for run in row["runs"]:
+            assert 1 <= len(run["curve"]) <= quick.context_time_evaluations, run
+            assert all(point["bytes"] == quick.context_eval_bytes for point in run["curve"]), run
     assert [run["steps"] for run in curves["MLM"]] == [4, 4]  # --set reached the preset, and BERT's step count
     # The two masked LMs are scored on the same masks, and fill the same number of words.
     assert len({point["masked_tokens"] for run in curves["MLM"] for point in run["curve"]}) == 1
     words = next(row for row in rows if row["name"].startswith("learning (prose): MLM masked-byte accuracy"))["word_fill"]
     assert len(words) == 2 and {fill["words"] for fill in words.values()} == {20}
-    for plot in ("learning-mlm.png", "learning-clm.png", "learning-long.png"):
+    for plot in ("learning-mlm.png", "learning-clm.png", "learning-long.png", "learning-long-time.png"):
         assert (tmp_path / plot).read_bytes()[:4] == b"\x89PNG", plot

@@ -250,28 +250,57 @@ def test_a_context_gives_every_token_three_quarters_of_it_to_all_of_it(max_laten
     assert scored == list(range(1, num_tokens))  # every token once
 
 
+def eval_text(capsys, text: str, *options: str) -> dict:
+    """`perceiver eval --json` of the tiny causal LM on a file that holds `text`, with `options`."""
+    Path("text.txt").write_text(text, encoding="utf-8")
+    status, out, err = run_cli(capsys, "eval", "--model", CLM, "--json", "--path", "text.txt", *options)
+    assert status == 0, err
+    return json.loads(out)
+
+
+def nll_by_hand(model, stream: list[int], context: int) -> float:
+    """The summed loss of every token of `stream` after the first, each predicted by its own pass over exactly the
+    `context` tokens before it (fewer at the start), at the last position; as in training, the last max_latents
+    positions of a window are latents."""
+    total = 0.0
+    with torch.inference_mode():
+        for t in range(1, len(stream)):
+            inputs = torch.tensor([stream[max(0, t - context) : t]])
+            logits = model(inputs, max(0, inputs.shape[1] - model.max_latents))[0, -1]
+            total += torch.nn.functional.cross_entropy(logits, torch.tensor(stream[t])).item()
+    return total
+
+
 def test_context_is_the_score_of_each_token_from_its_last_n_tokens(runs, capsys):
     text = "Kurze Zeilen über Käse, und mehr."
-    Path("short.txt").write_text(text, encoding="utf-8")
-    status, out, err = run_cli(capsys, "eval", "--model", CLM, "--json", "--path", "short.txt", "--context", "3")
-    assert status == 0, err
-    result = json.loads(out)
+    result = eval_text(capsys, text, "--context", "3")
     assert (result["context"], result["window"], result["stride"]) == (3, 3, 1)
     # By hand: token t scored from exactly tokens max(0, t - 3) .. t - 1, one pass each, all of them latents (as
     # in training, the last max_latents positions of a window are latents).
     model = clm()
     stream, num_bytes = clm_token_stream(load_tokenizer("utf8"), [text])
-    total_nll = 0.0
-    with torch.inference_mode():
-        for t in range(1, len(stream)):
-            inputs = torch.tensor([stream[max(0, t - 3) : t]])
-            logits = model(inputs, max(0, inputs.shape[1] - model.max_latents))[0, -1]
-            total_nll += torch.nn.functional.cross_entropy(logits, torch.tensor(stream[t])).item()
+    total_nll = nll_by_hand(model, stream, context=3)
     assert result["tokens"] == len(stream) - 1
     assert result["bits_per_byte"] == pytest.approx(total_nll / math.log(2) / num_bytes, abs=1e-5)
     # The same, batched: windows of different lengths left-padded together change nothing.
     batched = evaluate_clm(model, stream, num_bytes, batch_size=7, context=3)
     assert batched["bits_per_byte"] == pytest.approx(result["bits_per_byte"], abs=1e-5)
+
+
+def test_stride_scores_each_token_from_the_window_that_ends_at_it(runs, capsys):
+    text = "Ein langer Satz über Käse und Brot, der länger ist als das Fenster des kleinen Modells: zweimal so lang."
+    result = eval_text(capsys, text, "--stride", "1")
+    assert (result["window"], result["stride"]) == (48, 1)
+    # By hand: token t scored as the last latent of the window of (up to) 48 tokens before it, one pass each.
+    model = clm()
+    stream, num_bytes = clm_token_stream(load_tokenizer("utf8"), [text])
+    assert len(stream) > 2 * model.max_seq_len  # most windows are full: a prefix of 36 before the 12 latents
+    total_nll = nll_by_hand(model, stream, context=48)
+    assert result["tokens"] == len(stream) - 1
+    assert result["bits_per_byte"] == pytest.approx(total_nll / math.log(2) / num_bytes, abs=1e-5)
+    # Between 1 and the latents, a stride trades passes for context: the default (all 12 latents) differs.
+    default = evaluate_clm(model, stream, num_bytes, batch_size=4)
+    assert default["stride"] == 12 and default["bits_per_byte"] != pytest.approx(result["bits_per_byte"], abs=1e-6)
 
 
 def test_a_context_whose_stride_is_below_the_latents_keeps_the_trained_prefix_length():
@@ -337,6 +366,12 @@ def test_context_curve_draws_a_png_and_lists_the_contexts(runs, capsys):
         (["eval", "--model", CLM, "--context-curve", "--plot", "missing/x.png"], "'missing' of --plot does not exist"),
         (["eval", "--model", MLM, "--context", "8"], "for causal LMs"),
         (["eval", "--model", MLM, "--context-curve"], "for causal LMs"),
+        (["eval", "--model", CLM, "--stride", "0"], "--stride must be at least 1"),
+        (["eval", "--model", CLM, "--stride", "13"], "--stride must be 1 to 12 (the model's latents"),
+        (["eval", "--model", CLM, "--context", "8", "--stride", "9"], "--stride must be 1 to 8"),
+        (["eval", "--model", CLM, "--stride", "4", "--context-curve"], "--stride does not go with --context-curve"),
+        (["eval", "--model", CLM, "--stride", "4", "--schedule", "sliding"], "--stride does not go with --schedule"),
+        (["eval", "--model", MLM, "--stride", "4"], "for causal LMs"),
     ],
 )
 def test_bad_input_is_one_error_line_and_exit_2(runs, capsys, args, message):

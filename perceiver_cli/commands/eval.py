@@ -10,7 +10,8 @@ the files' names (no split, so --split does not apply; the result's split is "al
 
 Causal LMs: --context N scores every token with at most N tokens of context (windows of N tokens, a quarter of them
 scored each), and --context-curve repeats that for contexts 64, 256, 1024, ... and the model's window: a table, a
-list in --json, and a plot (--plot), of how bits per byte fall as the model reads more.
+list in --json, and a plot (--plot), of how bits per byte fall as the model reads more. --stride K scores K tokens
+per window (default: all the latents): a smaller stride gives each token more context, at a pass per K tokens.
 """
 
 import sys
@@ -80,6 +81,12 @@ def evaluate(
     plot: Annotated[
         str | None, typer.Option(help="With --context-curve: the PNG file to draw.  [default: context-curve.png]")
     ] = None,
+    stride: Annotated[
+        int | None,
+        typer.Option(help="Causal LM: score the last K positions of each window (1 to the model's latents; default: "
+                     "all the latents, or a quarter of --context): more context for each token, a pass per K.",
+                     metavar="K"),
+    ] = None,
 ) -> None:
     """Evaluate a model: loss, perplexity and bits per byte (causal LM), or masked-token loss and accuracy; or
     lm-evaluation-harness tasks (--tasks)."""
@@ -104,7 +111,7 @@ def evaluate(
         raise UserError(f"unknown split {split!r}: use validation or train")
     if split is not None and path is not None:
         raise UserError(f"--split {split} does not go with --path, whose text is evaluated whole: leave out --split")
-    plot = _check_context_options(context, context_curve, plot, schedule)
+    plot = _check_context_options(context, context_curve, plot, schedule, stride)
     if limit is not None and limit < 1:
         raise UserError(f"--limit must be at least 1 document, got {limit}")
     if batch_size is not None and batch_size < 1:
@@ -112,12 +119,13 @@ def evaluate(
     if words < 0:
         raise UserError(f"--words must be 0 (no word accuracy) or more, got {words}")
     loaded = choose_model(model, None, device=resolve_device(device))
-    if (context is not None or context_curve) and loaded.task != "clm":
-        raise UserError("--context and --context-curve are for causal LMs: a masked LM reads its whole chunk")
-    if context is not None:
+    if (context is not None or context_curve or stride is not None) and loaded.task != "clm":
+        raise UserError("--context, --context-curve and --stride are for causal LMs: a masked LM reads its whole chunk")
+    if context is not None or stride is not None:
         from perceiver_cli.evaluation import context_window
 
-        context_window(loaded.model.max_seq_len, loaded.model.max_latents, context)  # in range, before loading data
+        # In range, before loading data.
+        context_window(loaded.model.max_seq_len, loaded.model.max_latents, context, stride)
     run_config = loaded.run_config or {}
     data = data_source(run_config.get("data") or {}, source, path, name, config_name, text_column)
     batch_size = batch_size or (run_config.get("data") or {}).get("batch_size", 8)
@@ -145,7 +153,7 @@ def evaluate(
     with _progress_bar() as progress:
         metrics = _run(
             loaded, tokenizer, documents, split, batch_size, run_config, seed, progress, schedule, no_cache, words,
-            context, context_curve,
+            context, context_curve, stride,
         )
     if context_curve:
         _plot_context_curve(metrics["context_curve"], plot, f"{loaded.source} ({split})")
@@ -165,8 +173,11 @@ def evaluate(
         _print_table(result)
 
 
-def _check_context_options(context: int | None, context_curve: bool, plot: str | None, schedule: str | None):
-    """The --context, --context-curve and --plot options before any loading; the plot's path (with the curve)."""
+def _check_context_options(
+    context: int | None, context_curve: bool, plot: str | None, schedule: str | None, stride: int | None = None
+):
+    """The --context, --context-curve, --stride and --plot options before any loading; the plot's path (with the
+    curve)."""
     from pathlib import Path
 
     if context is not None and context_curve:
@@ -175,6 +186,12 @@ def _check_context_options(context: int | None, context_curve: bool, plot: str |
         raise UserError("--context and --context-curve do not go with --schedule, which scores as generation does")
     if context is not None and context < 1:
         raise UserError(f"--context must be at least 1 token, got {context}")
+    if stride is not None and context_curve:
+        raise UserError("--stride does not go with --context-curve: the curve scores a quarter of each context")
+    if stride is not None and schedule is not None:
+        raise UserError("--stride does not go with --schedule, which scores every token as generation does")
+    if stride is not None and stride < 1:
+        raise UserError(f"--stride must be at least 1 token, got {stride}")
     if plot is not None and not context_curve:
         raise UserError("--plot goes with --context-curve")
     if not context_curve:
@@ -244,7 +261,7 @@ def data_source(
 
 def _run(
     loaded, tokenizer, documents, split, batch_size, run_config, seed, progress, schedule, no_cache, words,
-    context=None, context_curve=False,
+    context=None, context_curve=False, stride=None,
 ) -> dict:
     from perceiver_cli.evaluation import (
         clm_token_stream,
@@ -265,7 +282,7 @@ def _run(
         if context_curve:
             curve = evaluate_context_curve(loaded.model, stream, num_bytes, batch_size, pad_token_id, progress)
             return {"bytes": num_bytes, "window": loaded.model.max_seq_len, "context_curve": curve}
-        return evaluate_clm(loaded.model, stream, num_bytes, batch_size, pad_token_id, progress, context)
+        return evaluate_clm(loaded.model, stream, num_bytes, batch_size, pad_token_id, progress, context, stride)
 
     from datasets import DatasetDict
 

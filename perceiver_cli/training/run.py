@@ -95,12 +95,19 @@ def activation_bytes(cfg: RunConfig) -> int:
 
 
 def bytes_per_token(datamodule) -> float | None:
-    """UTF-8 bytes per token, so a causal LM's validation loss converts to bits per byte: one with the UTF-8
-    tokenizer (counting each document-separating end-of-text token as one byte, as `perceiver eval` does). None for
-    masked LMs (their loss covers masked tokens only) and other tokenizers (`perceiver eval` measures those)."""
-    if datamodule.task == "clm" and datamodule.tokenizer_spec == "utf8":
+    """UTF-8 bytes per token of the validation split, so that a causal LM's validation loss converts to bits per
+    byte: 1 with the UTF-8 tokenizer, else measured on the split's first tokens (`pipeline.bytes_per_token`). None
+    for masked LMs (their loss covers masked tokens only) and other tokenizers on streamed data (no split up front);
+    `perceiver eval` measures bits per byte exactly."""
+    if datamodule.task != "clm":
+        return None
+    if datamodule.tokenizer_spec == "utf8":
         return 1.0
-    return None
+    if datamodule.streaming:
+        return None
+    from perceiver_cli.data.pipeline import bytes_per_token as split_bytes_per_token
+
+    return split_bytes_per_token(datamodule.chunks["validation"], datamodule.tokenizer)
 
 
 def fit(cfg: RunConfig, name: str, checkpoint: Path | None, console: Console, launch: Launch) -> Path:
