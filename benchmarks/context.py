@@ -114,8 +114,7 @@ def context_row(s, out: Path, runs: Path, record) -> None:
     theirs = [train_gpt_block(s, block, train_stream, budget, texts) for block in s.context_gpt_blocks]
     ours = [train_window(s, preset, model_overrides(s, preset, base, window), budget, texts, runs)
             for window in s.context_windows]
-    reference = train_window(s, REFERENCE_PRESET, [f"data.name={CORPUS}", *s.context_reference_overrides], budget,
-                             texts, runs)
+    reference = train_reference(s, budget, texts, runs)
 
     best_theirs = min(theirs, key=lambda run: run.final["bits_per_byte"])
     long_window = load_run_config(preset, base)[0].data.max_seq_len
@@ -176,8 +175,7 @@ def time_row(s, out: Path, runs: Path, record) -> None:
     pairs = []
     for budget in s.context_time_budgets_s:
         long = train_window(timed, preset, model_overrides(s, preset, base, window), budget, texts, runs)
-        short = train_window(timed, REFERENCE_PRESET, [f"data.name={CORPUS}", *s.context_reference_overrides],
-                             budget, texts, runs)
+        short = train_reference(timed, budget, texts, runs)
         pairs.append((budget, long, short))
         record(f"learning: long vs short window after {budget / 60:.3g} min: bits per byte ({preset} vs "
                f"{REFERENCE_PRESET})",
@@ -284,6 +282,12 @@ def train_window(s, preset: str, overrides: list[str], budget: float, texts: lis
     print(f"  {run.label}: {run.parameters:,} parameters, {cfg.model.max_latents} latents, {run.steps} of {steps} "
           f"steps in {run.train_seconds:.0f} s{curriculum}; {score.bytes_per_token:.2f} bytes per token", flush=True)
     return run
+
+
+def train_reference(s, budget: float, texts: list[str], runs: Path):
+    """The reference, `clm-small` (our short-window model), on the row's corpus, as `train_window` trains."""
+    return train_window(s, REFERENCE_PRESET, [f"data.name={CORPUS}", *s.context_reference_overrides], budget, texts,
+                        runs)
 
 
 def train_gpt_block(s, block: int, train_stream: torch.Tensor, budget: float, texts: list[str]):
